@@ -1,0 +1,47 @@
+"""What every learner gets and returns.
+
+A method is an object with ``loss(batch: TrainContext) -> (loss, metrics)``. It draws the
+samples it needs itself (SIS/SMC from the twisted proposal, p₀ samples, exact target samples from
+``batch.exact_pool``) under ``torch.no_grad()``, then makes one teacher-forced pass
+(``model.forward_full``) with gradients through the twist only. The trainer calls ``loss``,
+steps the optimiser, and never branches on the method's name.
+
+Conventions (paper-spec §4): w̄ = softmax(stop_grad(log w)); sums over t are means over t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from smclm.models.twisted_lm import TwistedLM
+from smclm.tasks.base import Task
+
+
+@dataclass
+class TrainContext:
+    model: TwistedLM
+    task: Task
+    n_particles: int  # the batch: K particles / samples per update (paper's n_twist)
+    generator: torch.Generator
+    resampling: str = "multinomial"
+    exact_pool: Tensor | None = None  # [M, T] exact σ samples, when available
+    cond: Tensor | None = None  # [K, c] conditioning tokens for this update (infilling)
+
+    def draw_exact(self, k: int) -> Tensor:
+        """k exact target samples drawn uniformly (with replacement) from the pool: [k, T]."""
+        if self.exact_pool is None:
+            raise ValueError("this method needs exact target samples but no pool was given")
+        idx = torch.randint(0, self.exact_pool.shape[0], (k,), generator=self.generator,
+                            device=self.generator.device)
+        return self.exact_pool[idx.to(self.exact_pool.device)].to(self.model.device)
+
+
+class Method(Protocol):
+    name: str
+    needs_exact: bool
+
+    def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]: ...

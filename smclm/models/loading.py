@@ -1,0 +1,90 @@
+"""Loading the frozen base LM (Hugging Face name or local directory, or the in-process toy world)
+and building the twist the config asks for."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from smclm.models.twist import Head, HeadTwist, SeparateTwist
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device={name} but CUDA is not available here; use device=auto or cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` = bfloat16 on a GPU that supports it, float32 otherwise."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise ModelLoadError(f"model.dtype={name} is not one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_base_model(
+    name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    toy: dict[str, Any] | None = None,
+) -> tuple[nn.Module, Any]:
+    """A frozen causal LM and its tokenizer: ``name`` is a Hub name, a local directory, or 'toy'."""
+    if name == "toy":
+        from smclm.models.toy import build_toy_world
+
+        model, tok = build_toy_world(**(toy or {}))
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # A Hub name is "name" or "org/name"; anything path-like must be an existing directory.
+        looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+        if looks_local and not os.path.isdir(os.path.expanduser(name)):
+            raise ModelLoadError(f"model.name={name}: no such directory; give an existing model "
+                                 "directory or a Hugging Face model name")
+        try:
+            tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+            model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(
+                f"could not load model.name={name} ({first}); give a local directory with "
+                "config.json and weights, or a Hub name while online (HF_HUB_OFFLINE unset)"
+            ) from e
+    model = model.to(device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+def build_twist(
+    kind: str, base: nn.Module, *, head: str = "mlp", hidden_mult: int = 1, n_layers: int = 3,
+    squash: str | None = None, conditional: bool = False, dtype: torch.dtype = torch.float32,
+) -> nn.Module | None:
+    """kind: none (ψ ≡ 1) | head (on the frozen base) | separate (trainable copy of the body)."""
+    if kind == "none":
+        return None
+    d = int(base.config.hidden_size if hasattr(base.config, "hidden_size") else base.config.n_embd)
+    vocab = int(base.get_output_embeddings().weight.shape[0])
+    d_in = 2 * d if conditional else d
+    device = next(base.parameters()).device
+    h = Head(d_in, vocab, kind=head, hidden_mult=hidden_mult, n_layers=n_layers, squash=squash)
+    if kind == "head":
+        return HeadTwist(h.to(device=device, dtype=dtype), base.base_model if conditional else None)
+    if kind == "separate":
+        return SeparateTwist(base.base_model, h, dtype=dtype).to(device)
+    raise ValueError(f"unknown twist.kind '{kind}'; choose none, head or separate")

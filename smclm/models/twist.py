@@ -1,0 +1,219 @@
+"""Twist functions: networks that return log ψ_t(s_<t, v) for all V next tokens at once.
+
+A twist reads the same positions as the base LM's next-token logits (paper-spec §0): the hidden
+state at buffer position P+t-2 gives log p₀(s_t = · | s_<t) and log ψ_t(s_<t, ·). Three kinds:
+
+* ``HeadTwist``      a linear or MLP head on the *frozen* base model's final hidden state.
+* ``SeparateTwist``  a trainable copy of the base body (initialised from p₀) with a head; it keeps
+                     its own KV cache during sampling.
+* ``TabularTwist``   a lookup table indexed by the output prefix (the exact ψ* of the toy world).
+
+Every twist may take conditioning tokens o [N, c] (infilling). Their encoding g(o) — the last
+hidden state of a body run on o alone — is computed once per sampling run and concatenated to the
+hidden state before the head (paper-spec §2).
+
+Interface used by :class:`smclm.models.twisted_lm.TwistedLM`:
+``begin(prompt_ids, base_hidden, cond) -> (state, log_psi [N, V])``,
+``advance(state, tokens, base_hidden) -> log_psi [N, V]``, ``reorder(state, ancestors)``,
+``full(input_ids, base_hidden, start, cond) -> log_psi [N, T, V]`` (teacher-forced, with grad).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smclm.models.cache import reorder_cache
+
+
+def _paper_init(layer: nn.Linear, scale: float = 1.0) -> None:
+    """W ~ N(0, 2/(fan_in+fan_out)) (Glorot normal, the reference's `linear_init_normal`), b = 0."""
+    std = scale * (2.0 / (layer.in_features + layer.out_features)) ** 0.5
+    nn.init.normal_(layer.weight, 0.0, std)
+    nn.init.zeros_(layer.bias)
+
+
+class Head(nn.Module):
+    """Maps hidden states [..., d_in] to log ψ [..., V].
+
+    kind="linear": one Linear. kind="mlp": Linear(d_in→m·d_in)–ReLU–[Linear–ReLU]×(L−2)–Linear(→V),
+    as the reference's `--hface_nn_twist` (L = n_layers = 3, m = hidden_mult = 1).
+    The output layer starts at zero, so log ψ ≡ 0 and the twisted proposal equals p₀ exactly at
+    the start (the paper's small-normal init gives log ψ ≈ 0; exact zero makes "untrained" mean
+    "q = p₀"). squash="logsigmoid" returns log σ(head(h)) ∈ (−∞, 0), the FUDGE parameterisation.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        vocab_size: int,
+        kind: str = "mlp",
+        hidden_mult: int = 1,
+        n_layers: int = 3,
+        squash: str | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"unknown twist head kind '{kind}'; choose linear or mlp")
+        if squash not in (None, "none", "logsigmoid"):
+            raise ValueError(f"unknown twist squash '{squash}'; choose none or logsigmoid")
+        self.squash = None if squash in (None, "none") else squash
+        layers: list[nn.Module] = []
+        if kind == "mlp":
+            width = d_in * hidden_mult
+            dims = [d_in] + [width] * (n_layers - 1)
+            for a, b in zip(dims[:-1], dims[1:]):
+                lin = nn.Linear(a, b)
+                _paper_init(lin)
+                layers += [lin, nn.ReLU()]
+            last_in = dims[-1]
+        else:
+            last_in = d_in
+        out = nn.Linear(last_in, vocab_size)
+        _paper_init(out, scale=0.0)
+        layers.append(out)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h: Tensor) -> Tensor:
+        x = self.net(h.to(self.net[-1].weight.dtype)).float()
+        return F.logsigmoid(x) if self.squash == "logsigmoid" else x
+
+
+@dataclass
+class TwistState:
+    """Per-run twist state: conditioning encoding, own KV cache, or prefix index."""
+
+    cond_h: Tensor | None = None  # [N, d_c]
+    cache: Any = None
+    prefix_index: Tensor | None = None  # [N] (TabularTwist)
+    extra: dict = field(default_factory=dict)
+
+
+def _concat_cond(h: Tensor, cond_h: Tensor | None) -> Tensor:
+    """Head input: h [..., d] alone, or concat(h, g(o)) with g(o) [N, d_c] broadcast over time."""
+    if cond_h is None:
+        return h
+    if cond_h.dim() == h.dim() - 1:
+        cond_h = cond_h.unsqueeze(-2).expand(*h.shape[:-1], cond_h.shape[-1])
+    return torch.cat([h.to(cond_h.dtype), cond_h], dim=-1)
+
+
+def _last_hidden(body: nn.Module, ids: Tensor) -> Tensor:
+    """Final hidden state at the last position of ``ids`` [N, c] → [N, d]."""
+    return body(input_ids=ids).last_hidden_state[:, -1]
+
+
+class HeadTwist(nn.Module):
+    """A head on the frozen base model's final hidden state (1 forward pass gives p₀ and ψ).
+
+    ``cond_body`` (the frozen base body) encodes conditioning tokens when the task has them.
+    """
+
+    def __init__(self, head: Head, cond_body: nn.Module | None = None) -> None:
+        super().__init__()
+        self.head = head
+        # Kept out of the module tree: it is the frozen base body, never trained or saved here.
+        self._cond_body = [cond_body]
+
+    def encode_cond(self, cond: Tensor | None) -> Tensor | None:
+        if cond is None:
+            return None
+        body = self._cond_body[0]
+        if body is None:
+            raise ValueError("this twist was built without a conditioning encoder")
+        with torch.no_grad():
+            return _last_hidden(body, cond).float()
+
+    def begin(self, prompt_ids: Tensor, base_hidden: Tensor, n: int, cond: Tensor | None):
+        state = TwistState(cond_h=self.encode_cond(cond))
+        h = base_hidden[:, -1].expand(n, -1)
+        return state, self.head(_concat_cond(h, state.cond_h))
+
+    def advance(self, state: TwistState, tokens: Tensor, base_hidden: Tensor) -> Tensor:
+        return self.head(_concat_cond(base_hidden[:, -1], state.cond_h))
+
+    def reorder(self, state: TwistState, ancestors: Tensor) -> None:
+        if state.cond_h is not None:
+            state.cond_h = state.cond_h[ancestors]
+
+    def full(self, input_ids: Tensor, base_hidden: Tensor, start: int, cond: Tensor | None):
+        return self.head(_concat_cond(base_hidden[:, start:], self.encode_cond(cond)))
+
+
+class SeparateTwist(nn.Module):
+    """A trainable copy of the base body (initialised from p₀) plus a head (2 forward passes)."""
+
+    def __init__(self, base_body: nn.Module, head: Head, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.body = copy.deepcopy(base_body).to(dtype)
+        for p in self.body.parameters():
+            p.requires_grad_(True)
+        self.head = head
+
+    def encode_cond(self, cond: Tensor | None) -> Tensor | None:
+        return None if cond is None else _last_hidden(self.body, cond).float()
+
+    def begin(self, prompt_ids: Tensor, base_hidden: Tensor, n: int, cond: Tensor | None):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out = self.body(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
+        reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=prompt_ids.device))
+        state = TwistState(cond_h=self.encode_cond(cond), cache=cache)
+        h = out.last_hidden_state[:, -1].expand(n, -1)
+        return state, self.head(_concat_cond(h, state.cond_h))
+
+    def advance(self, state: TwistState, tokens: Tensor, base_hidden: Tensor) -> Tensor:
+        out = self.body(input_ids=tokens[:, None], past_key_values=state.cache, use_cache=True)
+        return self.head(_concat_cond(out.last_hidden_state[:, -1], state.cond_h))
+
+    def reorder(self, state: TwistState, ancestors: Tensor) -> None:
+        reorder_cache(state.cache, ancestors)
+        if state.cond_h is not None:
+            state.cond_h = state.cond_h[ancestors]
+
+    def full(self, input_ids: Tensor, base_hidden: Tensor, start: int, cond: Tensor | None):
+        h = self.body(input_ids=input_ids).last_hidden_state[:, start:]
+        return self.head(_concat_cond(h, self.encode_cond(cond)))
+
+
+class TabularTwist(nn.Module):
+    """Twists given as tables over output prefixes: ``tables[t-1]`` is log ψ_t, shape [V^(t-1), V].
+
+    The prefix s_<t is indexed in base V (s_1 most significant). Used for the exact optimal twist
+    ψ* of the toy world, where Vᵀ sequences can be enumerated.
+    """
+
+    def __init__(self, tables: list[Tensor]) -> None:
+        super().__init__()
+        self.tables = [t.float() for t in tables]
+        self.vocab_size = tables[0].shape[-1]
+
+    def begin(self, prompt_ids: Tensor, base_hidden: Tensor, n: int, cond: Tensor | None):
+        state = TwistState(prefix_index=torch.zeros(n, dtype=torch.long, device=prompt_ids.device))
+        state.extra["t"] = 1
+        return state, self.tables[0][state.prefix_index].to(prompt_ids.device)
+
+    def advance(self, state: TwistState, tokens: Tensor, base_hidden: Tensor) -> Tensor:
+        state.prefix_index = state.prefix_index * self.vocab_size + tokens
+        state.extra["t"] += 1
+        table = self.tables[state.extra["t"] - 1].to(tokens.device)
+        return table[state.prefix_index]
+
+    def reorder(self, state: TwistState, ancestors: Tensor) -> None:
+        state.prefix_index = state.prefix_index[ancestors]
+
+    def full(self, input_ids: Tensor, base_hidden: Tensor, start: int, cond: Tensor | None):
+        out_tokens = input_ids[:, start + 1 :]  # s_1 .. s_{T-1}
+        n, t_minus_1 = out_tokens.shape
+        index = torch.zeros(n, dtype=torch.long, device=input_ids.device)
+        rows = [self.tables[0][index]]
+        for t in range(t_minus_1):
+            index = index * self.vocab_size + out_tokens[:, t]
+            rows.append(self.tables[t + 1].to(index.device)[index])
+        return torch.stack(rows, dim=1)

@@ -1,0 +1,143 @@
+"""The base LM p₀ and a twist, behind the interface the sampler and the losses use.
+
+Sampling is incremental: ``start`` runs the prompt once (batch 1) and expands its KV cache to N
+particles; each ``advance`` feeds one token per particle; ``reorder`` applies resampling ancestors
+to every cache (base and separate twist). ``forward_full`` is the one teacher-forced pass that the
+losses and the exact evaluator use: log p₀ [N, T, V] and log ψ [N, T, V] for every output step.
+
+All log-probabilities are returned in float32, whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smclm.models.cache import reorder_cache
+
+
+@dataclass
+class StepDists:
+    """Next-token quantities for all particles: log p₀ [N, V] and log ψ [N, V] (None: ψ ≡ 1)."""
+
+    log_p0: Tensor
+    log_psi: Tensor | None
+
+
+@dataclass
+class SamplingContext:
+    cache: Any
+    twist_state: Any
+    n: int
+
+
+class TwistedLM(nn.Module):
+    """A frozen causal LM (any ``AutoModelForCausalLM``) together with an optional twist."""
+
+    def __init__(self, base: nn.Module, twist: nn.Module | None = None) -> None:
+        super().__init__()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.base.eval()
+        self.twist = twist
+
+    # -- pieces of the base model -------------------------------------------------------------
+    @property
+    def body(self) -> nn.Module:
+        return self.base.base_model
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.base.get_output_embeddings().weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    def _log_p0(self, h: Tensor) -> Tensor:
+        return F.log_softmax(self.base.get_output_embeddings()(h).float(), dim=-1)
+
+    def with_twist(self, twist: nn.Module | None) -> TwistedLM:
+        """The same base model with another twist (no copy of the base)."""
+        return TwistedLM(self.base, twist)
+
+    # -- incremental sampling -----------------------------------------------------------------
+    @torch.no_grad()
+    def start(
+        self, prompt_ids: Tensor, n: int, cond: Tensor | None = None
+    ) -> tuple[SamplingContext, StepDists]:
+        """Run the prompt [P] once and return the distributions of s_1 for n particles.
+
+        cond: optional conditioning tokens o [n, c] (one row per particle).
+        """
+        from transformers import DynamicCache
+
+        if prompt_ids.dim() != 1 or prompt_ids.numel() == 0:
+            raise ValueError("the prompt must be a non-empty 1-D tensor of token ids")
+        ids = prompt_ids[None].to(self.device)
+        cache = DynamicCache()
+        h = self.body(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+        reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=ids.device))
+        log_p0 = self._log_p0(h[:, -1]).expand(n, -1)
+        twist_state, log_psi = None, None
+        if self.twist is not None:
+            twist_state, log_psi = self.twist.begin(ids, h, n, cond)
+        return SamplingContext(cache, twist_state, n), StepDists(log_p0, log_psi)
+
+    @torch.no_grad()
+    def advance(self, ctx: SamplingContext, tokens: Tensor) -> StepDists:
+        """Feed one token per particle (tokens [N]) and return the next distributions."""
+        h = self.body(
+            input_ids=tokens[:, None], past_key_values=ctx.cache, use_cache=True
+        ).last_hidden_state
+        log_psi = None
+        if self.twist is not None:
+            log_psi = self.twist.advance(ctx.twist_state, tokens, h)
+        return StepDists(self._log_p0(h[:, -1]), log_psi)
+
+    @torch.no_grad()
+    def reorder(self, ctx: SamplingContext, ancestors: Tensor) -> None:
+        """Particle i continues particle ancestors[i]: reorder every cache in place."""
+        reorder_cache(ctx.cache, ancestors)
+        if self.twist is not None:
+            self.twist.reorder(ctx.twist_state, ancestors)
+
+    # -- teacher-forced pass --------------------------------------------------------------------
+    def forward_full(
+        self, prompt_ids: Tensor, tokens: Tensor, cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """One pass over [prompt, s_1..s_{T-1}] for N sequences tokens [N, T].
+
+        Returns log p₀(s_t = · | s_<t) [N, T, V] (no grad) and log ψ_t(s_<t, ·) [N, T, V]
+        (with grad through the twist's parameters; None when there is no twist).
+        """
+        n, t_len = tokens.shape
+        p_len = prompt_ids.numel()
+        ids = torch.cat([prompt_ids.to(tokens.device)[None].expand(n, -1), tokens[:, :-1]], dim=1)
+        with torch.no_grad():
+            h = self.body(input_ids=ids).last_hidden_state
+            log_p0 = self._log_p0(h[:, p_len - 1 :])
+        log_psi = None
+        if self.twist is not None:
+            log_psi = self.twist.full(ids, h, p_len - 1, cond)
+        return log_p0, log_psi
+
+    def sequence_log_probs(
+        self, prompt_ids: Tensor, tokens: Tensor, cond: Tensor | None = None, proposal: str = "twist"
+    ) -> dict[str, Tensor]:
+        """Per-step gathers at the sampled tokens, all [N, T]: log p₀, log ψ_t and log q_t."""
+        log_p0, log_psi = self.forward_full(prompt_ids, tokens, cond)
+        idx = tokens[..., None]
+        out = {"log_p0": log_p0.gather(-1, idx).squeeze(-1)}
+        if log_psi is None or proposal == "p0":
+            out["log_q"] = out["log_p0"]
+        else:
+            out["log_q"] = F.log_softmax(log_p0 + log_psi, dim=-1).gather(-1, idx).squeeze(-1)
+        if log_psi is not None:
+            out["log_psi"] = log_psi.gather(-1, idx).squeeze(-1)
+        return out

@@ -1,0 +1,60 @@
+"""The toy task: potentials over token ids, for any causal LM (paper-spec §6 in miniature).
+
+* ``threshold``: log φ = log(1[#{t : s_t ∈ target_ids} ≥ min_count] + ε), the indicator form of
+  the paper's toxicity-threshold task, with its ε = 1e-16 floor.
+* ``exp_count``: log φ = β · #{t : s_t ∈ target_ids}.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from smclm.tasks.base import Task
+
+POTENTIALS = ("threshold", "exp_count")
+
+
+class CountPotential:
+    """log φ from the number of output tokens that belong to ``target_ids``."""
+
+    def __init__(
+        self, kind: str, target_ids: list[int], min_count: int = 1, epsilon: float = 1e-16,
+        beta: float = 1.0,
+    ) -> None:
+        if kind not in POTENTIALS:
+            raise ValueError(f"unknown toy potential '{kind}'; choose one of: {', '.join(POTENTIALS)}")
+        self.kind, self.min_count, self.epsilon, self.beta = kind, min_count, epsilon, beta
+        self.target_ids = torch.tensor(sorted(set(target_ids)), dtype=torch.long)
+
+    def count(self, tokens: Tensor) -> Tensor:
+        return torch.isin(tokens, self.target_ids.to(tokens.device)).sum(dim=1)
+
+    def __call__(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
+        c = self.count(tokens).float()
+        if self.kind == "exp_count":
+            return self.beta * c
+        hit = (c >= self.min_count).float()
+        return torch.log(hit + self.epsilon)
+
+    def log_max(self, output_len: int) -> float:
+        """An upper bound on log φ: 0 for the indicator, β·T (β > 0) or 0 (β ≤ 0) otherwise."""
+        if self.kind == "threshold":
+            return math.log1p(self.epsilon)
+        return max(self.beta, 0.0) * output_len
+
+
+def build_toy_task(
+    prompt_ids: Tensor, output_len: int, potential: str, target_ids: list[int], vocab_size: int,
+    min_count: int = 1, epsilon: float = 1e-16, beta: float = 1.0,
+) -> Task:
+    bad = [i for i in target_ids if not 0 <= int(i) < vocab_size]
+    if bad:
+        raise ValueError(
+            f"task.target_ids {bad} are outside the model's vocabulary [0, {vocab_size}); "
+            "pick ids below the vocabulary size"
+        )
+    pot = CountPotential(potential, [int(i) for i in target_ids], min_count, epsilon, beta)
+    return Task("toy", prompt_ids, output_len, pot, log_phi_max=pot.log_max(output_len))
