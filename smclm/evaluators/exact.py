@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from smclm.errors import UserError
 from smclm.models.twist import TabularTwist
 from smclm.models.twisted_lm import TwistedLM
 from smclm.tasks.base import Task
@@ -24,7 +25,7 @@ from smclm.tasks.base import Task
 MAX_SEQUENCES = 1_000_000
 
 
-class EnumerationTooLargeError(ValueError):
+class EnumerationTooLargeError(UserError, ValueError):
     pass
 
 
@@ -48,8 +49,12 @@ def all_sequences(vocab_size: int, output_len: int, device: torch.device | str =
 
 @torch.no_grad()
 def sequence_log_q(
-    model: TwistedLM, prompt_ids: Tensor, seqs: Tensor, cond: Tensor | None = None,
-    proposal: str = "twist", batch_size: int = 4096,
+    model: TwistedLM,
+    prompt_ids: Tensor,
+    seqs: Tensor,
+    cond: Tensor | None = None,
+    proposal: str = "twist",
+    batch_size: int = 4096,
 ) -> tuple[Tensor, Tensor]:
     """log p₀(s) and log q(s) (float64, [M]) for sequences seqs [M, T], in batches."""
     lp, lq = [], []
@@ -60,6 +65,37 @@ def sequence_log_q(
         lp.append(out["log_p0"].double().sum(1).cpu())
         lq.append(out["log_q"].double().sum(1).cpu())
     return torch.cat(lp), torch.cat(lq)
+
+
+@torch.no_grad()
+def enumerate_log_probs(
+    model: TwistedLM,
+    prompt_ids: Tensor,
+    output_len: int,
+    cond: Tensor | None = None,
+    proposal: str = "twist",
+) -> tuple[Tensor, Tensor]:
+    """log p₀(s) and log q(s) (float64 [Vᵀ], lexicographic order) by growing the prefix tree.
+
+    Level t holds all V^(t−1) prefixes in one batch with a KV cache: Σ_t V^t single-token
+    forwards instead of Vᵀ·T teacher-forced positions. cond: [1, c] conditioning tokens or None.
+    """
+    v = model.vocab_size
+    ctx, dists = model.start(prompt_ids, 1, cond)
+    log_p0 = torch.zeros(1, dtype=torch.float64, device=model.device)
+    log_q = log_p0.clone()
+    for t in range(1, output_len + 1):
+        rows = log_p0.shape[0]
+        step_q = dists.log_p0
+        if dists.log_psi is not None and proposal == "twist":
+            step_q = torch.log_softmax(dists.log_p0 + dists.log_psi, dim=-1)
+        log_p0 = (log_p0[:, None] + dists.log_p0.double()).reshape(-1)
+        log_q = (log_q[:, None] + step_q.double()).reshape(-1)
+        if t < output_len:
+            dev = log_p0.device
+            model.reorder(ctx, torch.arange(rows, device=dev).repeat_interleave(v))
+            dists = model.advance(ctx, torch.arange(v, device=dev).repeat(rows))
+    return log_p0.cpu(), log_q.cpu()
 
 
 @dataclass
@@ -116,22 +152,26 @@ def solve(
     v, t_len = model.vocab_size, task.output_len
     check_enumerable(v, t_len, limit)
     seqs = all_sequences(v, t_len)
-    log_p0, _ = sequence_log_q(model.with_twist(None), task.prompt_ids, seqs, cond)
+    log_p0, _ = enumerate_log_probs(model.with_twist(None), task.prompt_ids, t_len, cond)
     log_phi = torch.cat(
-        [task.log_phi(seqs[i : i + 65536].to(model.device), cond).double().cpu()
-         for i in range(0, seqs.shape[0], 65536)]
+        [
+            task.log_phi(seqs[i : i + 65536].to(model.device), cond).double().cpu()
+            for i in range(0, seqs.shape[0], 65536)
+        ]
     )
     log_z = float(torch.logsumexp(log_p0 + log_phi, 0))
     return ExactSolution(v, t_len, seqs, log_p0, log_phi, log_z)
 
 
 def exact_metrics(
-    model: TwistedLM, task: Task, solution: ExactSolution | None = None,
+    model: TwistedLM,
+    task: Task,
+    solution: ExactSolution | None = None,
     cond: Tensor | None = None,
 ) -> dict[str, float]:
     """Flat metrics: log_z/exact and kl/{q_sigma,sigma_q}_exact of the twisted proposal (and p₀)."""
     sol = solution or solve(model, task, cond)
-    _, log_q = sequence_log_q(model, task.prompt_ids, sol.sequences, cond)
+    _, log_q = enumerate_log_probs(model, task.prompt_ids, task.output_len, cond)
     kl = sol.kl(log_q)
     kl_p0 = sol.kl(sol.log_p0)
     return {

@@ -9,13 +9,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from smclm.errors import UserError
 from smclm.models.twist import Head, HeadTwist, SeparateTwist
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError):
     pass
 
 
@@ -24,7 +31,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device={name} but CUDA is not available here; use device=auto or cpu")
+        raise ModelLoadError(
+            f"device={name} but CUDA is not available here; use device=auto or cpu"
+        )
     return torch.device(name)
 
 
@@ -40,7 +49,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_base_model(
-    name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
     toy: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, Any]:
     """A frozen causal LM and its tokenizer: ``name`` is a Hub name, a local directory, or 'toy'."""
@@ -54,8 +65,10 @@ def load_base_model(
         # A Hub name is "name" or "org/name"; anything path-like must be an existing directory.
         looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
         if looks_local and not os.path.isdir(os.path.expanduser(name)):
-            raise ModelLoadError(f"model.name={name}: no such directory; give an existing model "
-                                 "directory or a Hugging Face model name")
+            raise ModelLoadError(
+                f"model.name={name}: no such directory; give an existing model "
+                "directory or a Hugging Face model name"
+            )
         try:
             tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
             model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype)
@@ -72,8 +85,15 @@ def load_base_model(
 
 
 def build_twist(
-    kind: str, base: nn.Module, *, head: str = "mlp", hidden_mult: int = 1, n_layers: int = 3,
-    squash: str | None = None, conditional: bool = False, dtype: torch.dtype = torch.float32,
+    kind: str,
+    base: nn.Module,
+    *,
+    head: str = "mlp",
+    hidden_mult: int = 1,
+    n_layers: int = 3,
+    squash: str | None = None,
+    conditional: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module | None:
     """kind: none (ψ ≡ 1) | head (on the frozen base) | separate (trainable copy of the body)."""
     if kind == "none":

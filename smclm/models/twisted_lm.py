@@ -128,7 +128,11 @@ class TwistedLM(nn.Module):
         return log_p0, log_psi
 
     def sequence_log_probs(
-        self, prompt_ids: Tensor, tokens: Tensor, cond: Tensor | None = None, proposal: str = "twist"
+        self,
+        prompt_ids: Tensor,
+        tokens: Tensor,
+        cond: Tensor | None = None,
+        proposal: str = "twist",
     ) -> dict[str, Tensor]:
         """Per-step gathers at the sampled tokens, all [N, T]: log p₀, log ψ_t and log q_t."""
         log_p0, log_psi = self.forward_full(prompt_ids, tokens, cond)

@@ -165,8 +165,12 @@ def step(
         if pinned is None:
             anc = get_resampler(resampling)(log_w, n, generator)
         else:  # conditional SMC: particle 0 keeps its lineage; multinomial for the rest
-            anc = torch.cat([torch.zeros(1, dtype=torch.long, device=log_w.device),
-                             multinomial(log_w, n - 1, generator)])
+            anc = torch.cat(
+                [
+                    torch.zeros(1, dtype=torch.long, device=log_w.device),
+                    multinomial(log_w, n - 1, generator),
+                ]
+            )
         anc = arrange_in_place(anc, n)
         if pinned is not None and anc[0] != 0:  # keep the pinned particle in slot 0
             j = int(torch.nonzero(anc == 0)[0])
@@ -176,11 +180,22 @@ def step(
         model.reorder(state.ctx, anc)
         resampled, n_unique = True, int(torch.unique(anc).numel())
     info = StepInfo(t, w_ess, resampled, n_unique, float(inc))
-    next_dists = model.advance(state.ctx, s_t[anc] if resampled else s_t) if t < output_len \
+    next_dists = (
+        model.advance(state.ctx, s_t[anc] if resampled else s_t)
+        if t < output_len
         else state.next_dists
+    )
     return SMCState(
-        t, tokens, log_w, log_gamma, log_p0, log_q, state.log_z_hat + inc, state.ctx,
-        next_dists, state.infos + [info],
+        t,
+        tokens,
+        log_w,
+        log_gamma,
+        log_p0,
+        log_q,
+        state.log_z_hat + inc,
+        state.ctx,
+        next_dists,
+        state.infos + [info],
     )
 
 
@@ -220,13 +235,25 @@ def run_smc(
         pinned = pinned.to(state.log_w.device)
     for _ in range(output_len):
         state = step(
-            model, state, output_len, log_phi, proposal=proposal, resampling=resampling,
-            ess_threshold=ess_threshold, pinned=pinned, generator=generator,
+            model,
+            state,
+            output_len,
+            log_phi,
+            proposal=proposal,
+            resampling=resampling,
+            ess_threshold=ess_threshold,
+            pinned=pinned,
+            generator=generator,
         )
     log_phi_final = state.log_gamma - state.log_p0  # at t = T the "twist" is φ
     return SMCResult(
-        state.tokens, state.log_w, float(state.log_z_hat), log_phi_final, state.log_p0,
-        state.log_q, state.infos,
+        state.tokens,
+        state.log_w,
+        float(state.log_z_hat),
+        log_phi_final,
+        state.log_p0,
+        state.log_q,
+        state.infos,
     )
 
 

@@ -21,11 +21,17 @@ class CountPotential:
     """log φ from the number of output tokens that belong to ``target_ids``."""
 
     def __init__(
-        self, kind: str, target_ids: list[int], min_count: int = 1, epsilon: float = 1e-16,
+        self,
+        kind: str,
+        target_ids: list[int],
+        min_count: int = 1,
+        epsilon: float = 1e-16,
         beta: float = 1.0,
     ) -> None:
         if kind not in POTENTIALS:
-            raise ValueError(f"unknown toy potential '{kind}'; choose one of: {', '.join(POTENTIALS)}")
+            raise ValueError(
+                f"unknown toy potential '{kind}'; choose one of: {', '.join(POTENTIALS)}"
+            )
         self.kind, self.min_count, self.epsilon, self.beta = kind, min_count, epsilon, beta
         self.target_ids = torch.tensor(sorted(set(target_ids)), dtype=torch.long)
 
@@ -47,8 +53,14 @@ class CountPotential:
 
 
 def build_toy_task(
-    prompt_ids: Tensor, output_len: int, potential: str, target_ids: list[int], vocab_size: int,
-    min_count: int = 1, epsilon: float = 1e-16, beta: float = 1.0,
+    prompt_ids: Tensor,
+    output_len: int,
+    potential: str,
+    target_ids: list[int],
+    vocab_size: int,
+    min_count: int = 1,
+    epsilon: float = 1e-16,
+    beta: float = 1.0,
 ) -> Task:
     bad = [i for i in target_ids if not 0 <= int(i) < vocab_size]
     if bad:

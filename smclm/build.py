@@ -1,0 +1,144 @@
+"""From a config to objects: the base model, the twist, the task, the exact-sample pool.
+
+The only module besides the entry points that reads a DictConfig; everything it returns is plain
+tensors, modules and small dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from smclm.errors import ConfigError, UserError
+from smclm.models.loading import build_twist, load_base_model, resolve_device, resolve_dtype
+from smclm.models.twisted_lm import TwistedLM
+from smclm.tasks.base import Task
+
+
+@dataclass
+class World:
+    model: TwistedLM
+    tokenizer: Any
+    task: Task
+    device: torch.device
+
+
+def encode_prompt(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of the prompt, without special tokens: [P]."""
+    try:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    except Exception as e:  # the toy tokenizer raises on unknown words
+        raise ConfigError(f"task.prompt={text!r} cannot be tokenised ({e}); use known words") from e
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids:
+        raise ConfigError("task.prompt is empty; the sampler needs at least one prompt token")
+    if unk is not None and unk in ids:
+        raise ConfigError(f"task.prompt={text!r} contains words the tokenizer does not know")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def build_task(task_cfg: DictConfig, tokenizer: Any, vocab_size: int) -> Task:
+    name = task_cfg.name
+    if name == "toy":
+        from smclm.tasks.toy import build_toy_task
+
+        prompt = encode_prompt(tokenizer, task_cfg.prompt)
+        try:
+            return build_toy_task(
+                prompt,
+                int(task_cfg.output_len),
+                task_cfg.potential,
+                list(task_cfg.target_ids),
+                vocab_size,
+                min_count=int(task_cfg.min_count),
+                epsilon=float(task_cfg.epsilon),
+                beta=float(task_cfg.beta),
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    raise ConfigError(f"unknown task '{name}'")
+
+
+def build_world(cfg: DictConfig) -> World:
+    """Load p₀, build the twist of ``cfg.twist`` and the task. Seeds torch first."""
+    torch.manual_seed(int(cfg.seed))
+    device = resolve_device(str(cfg.device))
+    dtype = resolve_dtype(str(cfg.model.dtype), device)
+    toy = OmegaConf.to_container(cfg.model.toy) if "toy" in cfg.model else None
+    base, tokenizer = load_base_model(str(cfg.model.name), dtype, device, toy)  # type: ignore[arg-type]
+    squash = cfg.method.get("twist_squash") or cfg.twist.squash
+    try:
+        twist = build_twist(
+            cfg.twist.kind,
+            base,
+            head=cfg.twist.head,
+            hidden_mult=int(cfg.twist.hidden_mult),
+            n_layers=int(cfg.twist.n_layers),
+            squash=squash,
+            conditional=bool(cfg.task.get("cond_len", 0)),
+            dtype=resolve_dtype(str(cfg.twist.dtype), device),
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    model = TwistedLM(base, twist)
+    task = build_task(cfg.task, tokenizer, model.vocab_size)
+    return World(model, tokenizer, task, device)
+
+
+def exact_sample_settings(cfg: DictConfig) -> dict:
+    """Everything the exact-sample pool depends on (the cache key)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    return {
+        "model": model,
+        "task": task,
+        "seed": int(cfg.exact_samples.seed),
+        "n": int(cfg.exact_samples.n),
+    }
+
+
+def exact_pool(cfg: DictConfig, world: World, required: bool) -> torch.Tensor | None:
+    """The exact target sample pool for this model and task: cached, collected, or None.
+
+    required: raise a UserError (with the fix) instead of returning None when there is none.
+    """
+    src = cfg.exact_samples.source
+    task = world.task
+    if src == "none" or task.log_phi_max is None:
+        if required:
+            why = (
+                "exact_samples.source=none"
+                if src == "none"
+                else f"task '{task.name}' has no bounded potential for rejection sampling"
+            )
+            raise UserError(
+                f"this run needs exact target samples but there is no pool ({why}); "
+                "set exact_samples.source=auto or use positives that need none"
+            )
+        return None
+    from smclm.tasks.exact_samples import load_or_collect, rejection_sample
+
+    settings = exact_sample_settings(cfg)
+    gen = torch.Generator(device=world.device).manual_seed(int(cfg.exact_samples.seed) + 7919)
+
+    def collect() -> torch.Tensor:
+        if src == "cache":
+            raise UserError(
+                "no cached exact samples for these settings; run `smclm collect` with "
+                "the same task/model/seed, or set exact_samples.source=auto"
+            )
+        return rejection_sample(
+            world.model,
+            task,
+            int(cfg.exact_samples.n),
+            batch_size=int(cfg.exact_samples.batch_size),
+            generator=gen,
+            max_draws=int(cfg.exact_samples.max_draws),
+            progress=True,
+        )
+
+    samples, _ = load_or_collect(cfg.exact_samples.cache_dir, settings, collect)
+    return samples.to(world.device)

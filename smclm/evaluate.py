@@ -1,0 +1,116 @@
+"""Evaluation of a twisted proposal: exact (enumeration) and/or estimated (bounds, KL).
+
+``run_evaluation`` is what the trainer calls on its schedule; ``evaluate(cfg)`` is `smclm eval`:
+a trained run's checkpoint (``run=<dir>``), or the configured model/task/twist with no run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from smclm.build import World, build_world, exact_pool
+from smclm.checkpoint import find_checkpoint, load_twist
+from smclm.config import validate
+from smclm.evaluators.exact import ExactSolution, check_enumerable, exact_metrics, solve
+from smclm.tracking import write_json_atomic
+
+
+class Evaluator:
+    """Evaluates the world's current twist; caches the enumeration (it depends on p₀ only)."""
+
+    def __init__(self, cfg: DictConfig, world: World, pool: torch.Tensor | None) -> None:
+        self.cfg, self.world, self.pool = cfg, world, pool
+        self.name = cfg.evaluator.name
+        self._solution: ExactSolution | None = None
+        self.exact_available = self._enumerable()
+        if self.name == "exact" and not self.exact_available:
+            check_enumerable(
+                world.model.vocab_size, world.task.output_len, int(cfg.evaluator.max_sequences)
+            )
+
+    def _enumerable(self) -> bool:
+        if self.name == "none":
+            return False
+        v, t = self.world.model.vocab_size, self.world.task.output_len
+        limit = int(self.cfg.evaluator.get("max_sequences", 1_000_000))
+        return t * math.log10(v) <= math.log10(limit) and self.cfg.evaluator.get("exact", True)
+
+    @property
+    def solution(self) -> ExactSolution:
+        if self._solution is None:
+            self._solution = solve(
+                self.world.model, self.world.task, limit=int(self.cfg.evaluator.max_sequences)
+            )
+        return self._solution
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> dict[str, float | str]:
+        if self.name == "none":
+            return {}
+        out: dict[str, float | str] = {}
+        log_z_exact = None
+        if self.exact_available:
+            out.update(exact_metrics(self.world.model, self.world.task, self.solution))
+            log_z_exact = self.solution.log_z
+        if self.name == "bounds":
+            from smclm.evaluators.bounds import evaluate_bounds
+
+            ev = self.cfg.evaluator
+            gen = torch.Generator(device=self.world.device).manual_seed(
+                int(self.cfg.seed) * 1_000_003 + step
+            )
+            if self.pool is None:
+                raise RuntimeError("evaluator=bounds needs exact target samples")
+            out.update(
+                evaluate_bounds(
+                    self.world.model,
+                    self.world.task,
+                    self.pool,
+                    particles=list(ev.particles),
+                    n_exact=int(ev.n_exact),
+                    generator=gen,
+                    resampling=self.cfg.smc.resampling,
+                    proposals=tuple(ev.proposals),
+                    log_z_exact=log_z_exact,
+                    n_g_q=ev.get("n_g_q"),
+                    progress=False,
+                )
+            )
+        return out
+
+    @property
+    def needs_pool(self) -> bool:
+        return self.name == "bounds"
+
+
+def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float | str]:
+    """`smclm eval`: evaluate a run's checkpoint, or the configured model/task/twist."""
+    if cfg.get("run"):
+        ckpt = find_checkpoint(cfg.run, cfg.get("checkpoint"))
+        run_cfg = OmegaConf.load(Path(cfg.run) / "config.yaml")
+        # The run fixes model, task and twist; this command's evaluator/smc/device settings win.
+        for key in ("evaluator", "smc", "device", "exact_samples"):
+            if key in cfg:
+                run_cfg[key] = cfg[key]
+        validate(run_cfg)
+        world = build_world(run_cfg)
+        load_twist(ckpt, world.model.twist)
+        out_dir = Path(cfg.run) / "eval"
+        eval_cfg = run_cfg
+    else:
+        validate(cfg)
+        world = build_world(cfg)
+        eval_cfg = cfg
+        ckpt = None
+    pool = exact_pool(eval_cfg, world, required=eval_cfg.evaluator.name == "bounds")
+    metrics = Evaluator(eval_cfg, world, pool)(step=0)
+    summary = {**metrics, "run/checkpoint": str(ckpt) if ckpt else None}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "summary.json", summary)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(eval_cfg, resolve=True))
+    return summary

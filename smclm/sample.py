@@ -1,0 +1,76 @@
+"""`smclm sample` (print weighted SMC samples and log Ẑ) and `smclm collect` (fill the
+exact-sample cache ahead of training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from smclm.build import World, build_world, exact_pool
+from smclm.checkpoint import find_checkpoint, load_twist
+from smclm.config import validate
+from smclm.smc.sampler import run_smc
+
+
+def world_for(cfg: DictConfig) -> tuple[World, DictConfig]:
+    """The configured world, or a trained run's world with its checkpointed twist."""
+    if not cfg.get("run"):
+        validate(cfg)
+        return build_world(cfg), cfg
+    ckpt = find_checkpoint(cfg.run, cfg.get("checkpoint"))
+    run_cfg = OmegaConf.load(Path(cfg.run) / "config.yaml")
+    for key in ("smc", "device"):
+        run_cfg[key] = cfg[key]
+    validate(run_cfg)
+    world = build_world(run_cfg)
+    load_twist(ckpt, world.model.twist)
+    return world, run_cfg
+
+
+def sample(cfg: DictConfig) -> None:
+    world, wcfg = world_for(cfg)
+    n = int(cfg.n)
+    if n < 1:
+        raise ValueError(f"n={n} must be a positive number of particles")
+    gen = torch.Generator(device=world.device).manual_seed(int(cfg.seed))
+    res = run_smc(
+        world.model,
+        world.task.prompt_ids,
+        world.task.output_len,
+        world.task.bind(),
+        n,
+        proposal=cfg.proposal,
+        resampling=wcfg.smc.resampling,
+        ess_threshold=float(wcfg.smc.ess_threshold),
+        generator=gen,
+    )
+    prompt = world.tokenizer.decode(world.task.prompt_ids.tolist())
+    w = res.normalized_weights
+    order = torch.argsort(w, descending=True)
+    print(f"prompt: {prompt!r}   task: {world.task.name}   T={world.task.output_len}   N={n}")
+    print(f"{'weight':>8}  {'log w':>10}  {'log φ':>10}  text")
+    for i in order.tolist():
+        text = world.tokenizer.decode(res.tokens[i].tolist())
+        print(
+            f"{float(w[i]):8.4f}  {float(res.log_w[i]):10.3f}  {float(res.log_phi[i]):10.3f}  {text}"
+        )
+    n_res = sum(info.resampled for info in res.infos)
+    print(
+        f"log Z-hat = {res.log_z_hat:.4f}   final ESS = {res.ess:.1f}/{n}   resampled at "
+        f"{n_res}/{world.task.output_len} steps"
+    )
+
+
+def collect(cfg: DictConfig) -> None:
+    validate(cfg)
+    world = build_world(cfg)
+    pool = exact_pool(cfg, world, required=True)
+    assert pool is not None
+    print(
+        f"{pool.shape[0]} exact target samples of length {pool.shape[1]} are in "
+        f"{cfg.exact_samples.cache_dir}"
+    )
+    for row in pool[: min(5, pool.shape[0])].tolist():
+        print("  " + world.tokenizer.decode(row))

@@ -1,0 +1,269 @@
+"""Resampling schemes for Sequential Monte Carlo.
+
+Every resampler maps unnormalised log-weights of shape ``[N]`` (``N`` particles) to a
+LongTensor of ``n`` ancestor indices in ``[0, N)``; ``n`` may differ from ``N`` (conditional
+SMC draws ``N - 1``).  All schemes work by inverse-CDF lookup: uniform points in ``[0, 1)``
+are located in the normalised cumulative weights with right-sided ``searchsorted``, so a
+zero-weight particle (log-weight ``-inf``), whose CDF interval is empty, is never selected.
+The returned ancestors are sorted in ascending order.
+
+``arrange_in_place`` permutes an ancestor vector so that surviving particles keep their own
+slot, which lets the caller copy only the cache rows that actually change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RESAMPLERS",
+    "Resampler",
+    "arrange_in_place",
+    "get_resampler",
+    "multinomial",
+    "stratified",
+    "systematic",
+]
+
+Resampler = Callable[[Tensor, int, torch.Generator | None], Tensor]
+
+# Internal precision for the CDF and the uniform points.
+_DTYPE = torch.float64
+# Largest float64 strictly below 1: uniform points are clamped to it so that rounding in
+# ``(k + u) / n`` can never produce a point equal to 1.
+_BELOW_ONE = float(
+    torch.nextafter(torch.tensor(1.0, dtype=_DTYPE), torch.tensor(0.0, dtype=_DTYPE))
+)
+
+
+def _normalised_cdf(log_w: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate log-weights and build their normalised CDF.
+
+    Args:
+        log_w: ``[N]`` unnormalised log-weights (floating point; ``-inf`` means zero weight).
+
+    Returns:
+        ``(cdf, last)``: ``cdf`` is ``[N]`` float64, non-decreasing, with ``cdf[i] == 1``
+        exactly for every ``i`` at or after the last positive-weight particle; ``last`` is a
+        0-d LongTensor holding the index of that last positive-weight particle.
+
+    Raises:
+        TypeError: if ``log_w`` is not floating point.
+        ValueError: if ``log_w`` is not 1-D and non-empty, contains NaN or ``+inf``, or has
+            every entry equal to ``-inf``.
+    """
+    if not torch.is_floating_point(log_w):
+        raise TypeError(f"log-weights must be a floating-point tensor, got dtype {log_w.dtype}")
+    if log_w.dim() != 1 or log_w.numel() == 0:
+        raise ValueError(
+            f"log-weights must be a non-empty 1-D tensor, got shape {tuple(log_w.shape)}"
+        )
+    lw = log_w.detach().to(_DTYPE)
+    log_z = torch.logsumexp(lw, dim=0)
+    # A single host sync in the common case: log_z is finite iff there is no NaN, no +inf
+    # and at least one finite entry.  Only on failure do we work out which case it is.
+    if not bool(torch.isfinite(log_z)):
+        if bool(torch.isnan(lw).any()):
+            raise ValueError("log-weights contain NaN; cannot resample")
+        if bool(torch.isposinf(lw).any()):
+            raise ValueError("log-weights contain +inf; cannot resample")
+        raise ValueError(
+            "all log-weights are -inf (every particle has zero weight); cannot resample"
+        )
+    # The largest weight is >= 1/N after normalisation, so at least one entry is positive.
+    w = torch.exp(lw - log_z)
+    positive = w > 0
+    index = torch.arange(w.shape[0], device=w.device)
+    last = torch.where(positive, index, -1).max()
+    cdf = torch.cumsum(w, dim=0)
+    # Make zero-weight entries repeat the previous CDF value *exactly* (a parallel scan, as on
+    # GPU, does not guarantee that adding 0.0 reproduces the same rounded sum) and make the
+    # CDF monotone: zero them, then take the running maximum.  Their CDF intervals are then
+    # empty, so right-sided searchsorted can never land on them.
+    cdf = torch.cummax(torch.where(positive, cdf, torch.zeros_like(cdf)), dim=0).values
+    # Dividing by the total makes every entry from the last positive weight on exactly 1
+    # (they all equal cdf[-1] now, and x / x == 1 in IEEE arithmetic).
+    cdf = cdf / cdf[-1]
+    cdf[-1] = 1.0
+    return cdf, last
+
+
+def _uniform(shape: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Draw ``[shape]`` float64 uniforms in ``[0, 1)`` from ``generator`` onto ``device``.
+
+    The draw happens on the generator's device (so a CPU generator also works for CUDA
+    weights) and the result is moved to ``device``.
+    """
+    gen_device = generator.device if generator is not None else device
+    u = torch.rand(shape, generator=generator, dtype=_DTYPE, device=gen_device)
+    return u.to(device)
+
+
+def _check_n(n: int) -> int:
+    """Validate the number of draws ``n`` (a non-negative integer)."""
+    if isinstance(n, bool) or int(n) != n or n < 0:
+        raise ValueError(f"number of draws must be a non-negative integer, got {n!r}")
+    return int(n)
+
+
+def _invert(cdf: Tensor, last: Tensor, points: Tensor) -> Tensor:
+    """Map points in ``[0, 1)`` to particle indices.
+
+    Args:
+        cdf: ``[N]`` normalised CDF from :func:`_normalised_cdf`.
+        last: 0-d index of the last positive-weight particle.
+        points: ``[n]`` float64 points.
+
+    Returns:
+        ``[n]`` LongTensor; index ``i`` is chosen iff ``cdf[i-1] <= p < cdf[i]`` (with
+        ``cdf[-1] := 0``), so zero-weight particles (empty intervals) are never chosen.
+    """
+    points = points.clamp(0.0, _BELOW_ONE)
+    idx = torch.searchsorted(cdf, points, right=True)
+    # Points are < 1 == cdf[last], so idx <= last already; the clamp is a last-resort guard.
+    return torch.minimum(idx, last).to(torch.long)
+
+
+def multinomial(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """Multinomial resampling: ``n`` i.i.d. draws from the normalised weights.
+
+    Implemented by inverse-CDF lookup of ``n`` uniforms (not ``torch.multinomial``).
+
+    Args:
+        log_w: ``[N]`` unnormalised log-weights, any float dtype; ``-inf`` is zero weight.
+        n: number of draws.
+        generator: source of all randomness (for reproducibility).
+
+    Returns:
+        ``[n]`` LongTensor of ancestor indices in ``[0, N)``, sorted ascending, on
+        ``log_w.device``.
+
+    Raises:
+        ValueError: if all log-weights are ``-inf`` or any is NaN / ``+inf``.
+    """
+    n = _check_n(n)
+    cdf, last = _normalised_cdf(log_w)
+    u = _uniform(n, generator, cdf.device)
+    # Sorting the points gives sorted ancestors without changing the distribution of counts.
+    u, _ = torch.sort(u)
+    return _invert(cdf, last, u)
+
+
+def systematic(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """Systematic resampling: a single ``u ~ U[0, 1/n)`` and points ``u + k/n``, ``k < n``.
+
+    Each particle ``i`` receives either ``floor(n w_i)`` or ``ceil(n w_i)`` copies.
+
+    Args:
+        log_w: ``[N]`` unnormalised log-weights, any float dtype; ``-inf`` is zero weight.
+        n: number of draws.
+        generator: source of all randomness (for reproducibility).
+
+    Returns:
+        ``[n]`` LongTensor of ancestor indices in ``[0, N)``, sorted ascending, on
+        ``log_w.device``.
+
+    Raises:
+        ValueError: if all log-weights are ``-inf`` or any is NaN / ``+inf``.
+    """
+    n = _check_n(n)
+    cdf, last = _normalised_cdf(log_w)
+    u = _uniform(1, generator, cdf.device)
+    points = (torch.arange(n, dtype=_DTYPE, device=cdf.device) + u) / n
+    return _invert(cdf, last, points)
+
+
+def stratified(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """Stratified resampling: one uniform per stratum, points ``(k + u_k) / n``, ``k < n``.
+
+    Args:
+        log_w: ``[N]`` unnormalised log-weights, any float dtype; ``-inf`` is zero weight.
+        n: number of draws.
+        generator: source of all randomness (for reproducibility).
+
+    Returns:
+        ``[n]`` LongTensor of ancestor indices in ``[0, N)``, sorted ascending, on
+        ``log_w.device``.
+
+    Raises:
+        ValueError: if all log-weights are ``-inf`` or any is NaN / ``+inf``.
+    """
+    n = _check_n(n)
+    cdf, last = _normalised_cdf(log_w)
+    u = _uniform(n, generator, cdf.device)
+    points = (torch.arange(n, dtype=_DTYPE, device=cdf.device) + u) / n
+    return _invert(cdf, last, points)
+
+
+RESAMPLERS: dict[str, Resampler] = {
+    "multinomial": multinomial,
+    "systematic": systematic,
+    "stratified": stratified,
+}
+
+
+def get_resampler(name: str) -> Resampler:
+    """Look up a resampling scheme by name (a key of :data:`RESAMPLERS`).
+
+    Raises:
+        ValueError: for an unknown name; the message lists the valid names.
+    """
+    try:
+        return RESAMPLERS[name]
+    except (KeyError, TypeError):
+        choices = ", ".join(RESAMPLERS)
+        raise ValueError(f"unknown resampling scheme {name!r}; choose one of: {choices}") from None
+
+
+def arrange_in_place(ancestors: Tensor, n_particles: int) -> Tensor:
+    """Permute an ancestor vector so that surviving particles stay in their own slot.
+
+    After resampling the particles are exchangeable, so any permutation of the ancestor
+    vector describes the same particle system.  This returns the permutation in which every
+    index ``i`` that occurs in ``ancestors`` sits at position ``i`` (``out[i] == i``); the extra
+    copies fill the remaining positions in ascending order of position, with ascending
+    ancestor values.  The caller then only needs to copy state rows where ``out[i] != i``.
+
+    Args:
+        ancestors: ``[N]`` integer tensor of ancestor indices in ``[0, N)``.
+        n_particles: ``N``; must equal ``len(ancestors)``.
+
+    Returns:
+        ``[N]`` LongTensor on ``ancestors.device``, a permutation of ``ancestors`` (same
+        multiset) with ``out[i] == i`` for every ``i`` in ``set(ancestors)``.
+
+    Raises:
+        ValueError: if the shape does not match ``n_particles`` or an index is out of range.
+        TypeError: if ``ancestors`` is not an integer tensor.
+    """
+    if (
+        ancestors.dtype.is_floating_point
+        or ancestors.dtype.is_complex
+        or ancestors.dtype == torch.bool
+    ):
+        raise TypeError(f"ancestors must be an integer tensor, got dtype {ancestors.dtype}")
+    if ancestors.dim() != 1 or ancestors.shape[0] != n_particles:
+        raise ValueError(
+            f"ancestors must have shape [{n_particles}] (n_particles), got {tuple(ancestors.shape)}"
+        )
+    anc = ancestors.to(torch.long)
+    if n_particles == 0:
+        return anc.clone()
+    if bool((anc < 0).any()) or bool((anc >= n_particles).any()):
+        raise ValueError(f"ancestor indices must lie in [0, {n_particles})")
+    sorted_anc = torch.sort(anc).values
+    # First occurrence of each surviving index in the sorted vector; the other entries are
+    # the extra copies (count - 1 per surviving index), already in ascending order.
+    first = torch.ones_like(sorted_anc, dtype=torch.bool)
+    first[1:] = sorted_anc[1:] != sorted_anc[:-1]
+    survivors = sorted_anc[first]
+    present = torch.zeros_like(sorted_anc, dtype=torch.bool)
+    present[survivors] = True
+    out = torch.empty_like(anc)
+    out[survivors] = survivors
+    # There are exactly as many extra copies as slots of non-surviving indices.
+    out[~present] = sorted_anc[~first]
+    return out
