@@ -26,6 +26,20 @@ class World:
     device: torch.device
 
 
+def set_threads(threads: object, base: torch.nn.Module, device: torch.device) -> None:
+    """``auto``: one CPU thread for tiny models (thread start-up costs more than their matmuls,
+    ~10x on a 2-core machine), torch's default otherwise; an integer sets it."""
+    if device.type != "cpu":
+        return
+    if threads == "auto":
+        if sum(p.numel() for p in base.parameters()) < 5_000_000:
+            torch.set_num_threads(1)
+    elif isinstance(threads, int) and threads > 0:
+        torch.set_num_threads(threads)
+    else:
+        raise ConfigError(f"threads={threads} must be auto or a positive integer")
+
+
 def encode_prompt(tokenizer: Any, text: str) -> torch.Tensor:
     """Token ids of the prompt, without special tokens: [P]."""
     try:
@@ -69,6 +83,7 @@ def build_world(cfg: DictConfig) -> World:
     dtype = resolve_dtype(str(cfg.model.dtype), device)
     toy = OmegaConf.to_container(cfg.model.toy) if "toy" in cfg.model else None
     base, tokenizer = load_base_model(str(cfg.model.name), dtype, device, toy)  # type: ignore[arg-type]
+    set_threads(cfg.get("threads", "auto"), base, device)
     squash = cfg.method.get("twist_squash") or cfg.twist.squash
     try:
         twist = build_twist(
@@ -100,25 +115,24 @@ def exact_sample_settings(cfg: DictConfig) -> dict:
     }
 
 
-def exact_pool(cfg: DictConfig, world: World, required: bool) -> torch.Tensor | None:
-    """The exact target sample pool for this model and task: cached, collected, or None.
+def exact_pool(cfg: DictConfig, world: World) -> torch.Tensor:
+    """The exact target sample pool for this model and task, from the cache or collected now.
 
-    required: raise a UserError (with the fix) instead of returning None when there is none.
+    Call it only when something needs exact samples; raises a UserError with the fix when
+    there can be no pool.
     """
     src = cfg.exact_samples.source
     task = world.task
     if src == "none" or task.log_phi_max is None:
-        if required:
-            why = (
-                "exact_samples.source=none"
-                if src == "none"
-                else f"task '{task.name}' has no bounded potential for rejection sampling"
-            )
-            raise UserError(
-                f"this run needs exact target samples but there is no pool ({why}); "
-                "set exact_samples.source=auto or use positives that need none"
-            )
-        return None
+        why = (
+            "exact_samples.source=none"
+            if src == "none"
+            else f"task '{task.name}' has no bounded potential for rejection sampling"
+        )
+        raise UserError(
+            f"this run needs exact target samples but there is no pool ({why}); set "
+            "exact_samples.source=auto, or use method.positives and an evaluator that need none"
+        )
     from smclm.tasks.exact_samples import load_or_collect, rejection_sample
 
     settings = exact_sample_settings(cfg)

@@ -51,6 +51,13 @@ def _one_line_errors(fn):
             if os.environ.get("SMCLM_DEBUG"):
                 raise
             _fail(str(e))
+        except Exception as e:
+            from smclm.train import Interrupted
+
+            if not isinstance(e, Interrupted):
+                raise
+            print(f"smclm: {e}", file=sys.stderr)
+            sys.exit(128 + e.signum)
 
     return wrapper
 

@@ -106,8 +106,10 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float | 
         world = build_world(cfg)
         eval_cfg = cfg
         ckpt = None
-    pool = exact_pool(eval_cfg, world, required=eval_cfg.evaluator.name == "bounds")
-    metrics = Evaluator(eval_cfg, world, pool)(step=0)
+    evaluator = Evaluator(eval_cfg, world, None)  # checks enumerability before any sampling
+    if evaluator.needs_pool:
+        evaluator.pool = exact_pool(eval_cfg, world)
+    metrics = evaluator(step=0)
     summary = {**metrics, "run/checkpoint": str(ckpt) if ckpt else None}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

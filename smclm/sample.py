@@ -66,7 +66,7 @@ def sample(cfg: DictConfig) -> None:
 def collect(cfg: DictConfig) -> None:
     validate(cfg)
     world = build_world(cfg)
-    pool = exact_pool(cfg, world, required=True)
+    pool = exact_pool(cfg, world)
     assert pool is not None
     print(
         f"{pool.shape[0]} exact target samples of length {pool.shape[1]} are in "

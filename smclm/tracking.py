@@ -15,13 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else (math.inf if v > 0 else -math.inf)
+    """NaN becomes null (strict JSON); ±inf stays (Python's json writes Infinity)."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
     return v
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(obj, dict):
+        obj = {k: _clean(v) for k, v in obj.items()}
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
     os.replace(tmp, path)
 

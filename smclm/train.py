@@ -79,8 +79,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         cfg.method.name,
         **{k: v for k, v in cfg.method.items() if k not in ("name", "lr", "twist_squash")},
     )
-    evaluator = Evaluator(cfg, world, None)
-    pool = exact_pool(cfg, world, required=method.needs_exact or evaluator.needs_pool)
+    evaluator = Evaluator(cfg, world, None)  # checks enumerability before any sampling
+    pool = exact_pool(cfg, world) if method.needs_exact or evaluator.needs_pool else None
     evaluator.pool = pool
     if model.twist is None or not any(p.requires_grad for p in model.twist.parameters()):
         raise UserError("smclm train needs a trainable twist; set twist=mlp, linear or separate")

@@ -18,3 +18,50 @@ def toy_world():
     from smclm.models.toy import build_toy_world
 
     return build_toy_world(vocab_size=12, seed=0)
+
+
+def save_tiny_lm(path, arch: str, vocab_size: int = 12, seed: int = 0):
+    """A tiny randomly initialised GPT-Neo or GPT-2 with the toy tokenizer, saved to path."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM
+
+    from smclm.models.toy import build_toy_tokenizer
+
+    tok = build_toy_tokenizer(vocab_size)
+    eos = vocab_size - 1
+    torch.manual_seed(seed)
+    if arch == "gpt_neo":
+        cfg = GPTNeoConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            attention_types=[[["global", "local"], 1]],
+            window_size=8,
+            max_position_embeddings=64,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        )
+        model = GPTNeoForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        )
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dirs(tmp_path_factory):
+    """{'gpt_neo': dir, 'gpt2': dir}: tiny real-architecture LMs loadable by from_pretrained."""
+    root = tmp_path_factory.mktemp("tiny_lms")
+    return {arch: save_tiny_lm(root / arch, arch) for arch in ("gpt_neo", "gpt2")}

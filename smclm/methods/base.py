@@ -35,8 +35,13 @@ class TrainContext:
         """k exact target samples drawn uniformly (with replacement) from the pool: [k, T]."""
         if self.exact_pool is None:
             raise ValueError("this method needs exact target samples but no pool was given")
-        idx = torch.randint(0, self.exact_pool.shape[0], (k,), generator=self.generator,
-                            device=self.generator.device)
+        idx = torch.randint(
+            0,
+            self.exact_pool.shape[0],
+            (k,),
+            generator=self.generator,
+            device=self.generator.device,
+        )
         return self.exact_pool[idx.to(self.exact_pool.device)].to(self.model.device)
 
 

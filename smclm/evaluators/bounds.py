@@ -1,0 +1,315 @@
+"""Stochastic bounds on log Z and KL estimates from exact target samples (paper-spec §7.1).
+
+For each proposal ("twist" → metric prefix ``bounds``, "p0" → prefix ``bounds_p0``; with "p0" the
+learned twists still define the intermediate targets and drive resampling), each particle count K
+and each of the first ``n_exact`` exact target samples σ^i:
+
+* SIS/IWAE lower bound: logmeanexp of log w over one SIS run (no resampling) with K particles,
+  log w = log p₀(s) + log φ(s) − log q(s).
+* SIS/IWAE upper bound: logmeanexp of the same K log-weights with particle 1 replaced by σ^i.
+* SMC lower bound: log Ẑ of twisted SMC resampling at every step.
+* SMC upper bound: log Ẑ of conditional SMC with particle 1 pinned to σ^i (for K = 1 this is
+  the weight of σ^i itself, which is what the cSMC recursion gives with a single particle).
+
+Each bound is averaged over the n_exact repetitions; ``_se`` keys are standard errors of those
+means (sample sd with ddof=1 over √n; NaN when n_exact = 1). A lower bound is below log Z in
+expectation and an upper bound above it, so the averages bracket log Z up to noise.
+
+Metric keys (flat; ``{prefix}`` ∈ {bounds, bounds_p0}; ``{b}`` ∈ {lower_sis, upper_sis, lower_smc,
+upper_smc}):
+
+=========================================  =========================================================
+``{prefix}/k{K}/log_z_{b}`` (+ ``_se``)     mean bound with K particles, for every K in ``particles``
+``{prefix}/log_z_{b}`` (+ ``_se``)          the same at the largest K
+``bounds/f_q`` (+ ``_se``)                  F_q: mean of log σ̃ − log q over the twisted proposal's
+                                            SIS particles at the largest K (all n_exact runs pooled);
+                                            the single-sample ELBO, E_q[log σ̃/q] = log Z − KL(q‖σ)
+``bounds/g_q`` (+ ``_se``)                  G_q: mean of log σ̃ − log q over the exact samples (all,
+                                            or the first ``n_g_q``); E_σ[log σ̃/q] = log Z + KL(σ‖q)
+``log_z/estimate``                          log Z used for the KLs: ``log_z_exact`` when given, else
+                                            the midpoint of the tighter of the (SMC lower, SMC upper)
+                                            and (SIS lower, SIS upper) pairs of the twisted proposal
+                                            at the largest K
+``log_z/estimate_source``                   "exact", "smc_midpoint" or "sis_midpoint" (a string)
+``log_z/exact``                             the exact log Z, only when given
+``kl/q_sigma``                              log_z/estimate − bounds/f_q  (estimate of KL(q‖σ))
+``kl/sigma_q``                              bounds/g_q − log_z/estimate  (estimate of KL(σ‖q))
+=========================================  =========================================================
+
+Conditioning (conditional tasks): ``cond`` is None, one row o [c] (or [1, c]) shared by every
+exact sample, or one row per exact sample [M, c] (o^i goes with σ^i and is broadcast to all K
+particles of the runs for σ^i).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from smclm.models.twisted_lm import TwistedLM
+from smclm.smc.sampler import log_mean_exp, run_smc
+from smclm.tasks.base import Task
+
+PREFIXES = {"twist": "bounds", "p0": "bounds_p0"}
+BOUND_NAMES = ("lower_sis", "upper_sis", "lower_smc", "upper_smc")
+
+
+def mean_se(values: Tensor | list[float]) -> tuple[float, float]:
+    """Mean and standard error (sd with ddof=1 over √n; NaN for n = 1) of 1-D values."""
+    x = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if x.numel() == 0:
+        raise ValueError("mean_se needs at least one value")
+    mean = float(x.mean())
+    if x.numel() < 2:
+        return mean, math.nan
+    return mean, float(x.std(unbiased=True) / math.sqrt(x.numel()))
+
+
+def _cond_rows(cond: Tensor | None, n_samples: int) -> Tensor | None:
+    """Normalise cond to one row per exact sample [M, c] (or None)."""
+    if cond is None:
+        return None
+    if cond.dim() == 1:
+        cond = cond[None]
+    if cond.dim() != 2:
+        raise ValueError(f"cond must be [c], [1, c] or [M, c]; got shape {tuple(cond.shape)}")
+    if cond.shape[0] == 1:
+        return cond.expand(n_samples, -1)
+    if cond.shape[0] != n_samples:
+        raise ValueError(
+            f"cond has {cond.shape[0]} rows but there are {n_samples} exact samples; pass one "
+            "shared row or one row per exact sample"
+        )
+    return cond
+
+
+@torch.no_grad()
+def exact_sample_log_weights(
+    model: TwistedLM,
+    task: Task,
+    samples: Tensor,
+    *,
+    cond: Tensor | None = None,
+    proposal: str = "twist",
+    batch_size: int = 1024,
+) -> Tensor:
+    """log σ̃(s) − log q(s) = log p₀(s) + log φ(s) − log q(s) for sequences samples [M, T].
+
+    cond: None or one row per sample [M, c]. Returns float64 [M] on the CPU.
+    """
+    out = []
+    dev = model.device
+    for i in range(0, samples.shape[0], batch_size):
+        chunk = samples[i : i + batch_size].to(dev)
+        c = None if cond is None else cond[i : i + batch_size].to(dev)
+        lp = model.sequence_log_probs(task.prompt_ids, chunk, c, proposal=proposal)
+        log_phi = task.log_phi(chunk, c).double()
+        log_w = lp["log_p0"].double().sum(1) + log_phi - lp["log_q"].double().sum(1)
+        out.append(log_w.cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def _sis_log_weights(
+    model: TwistedLM,
+    task: Task,
+    k: int,
+    n_runs: int,
+    cond_rows: Tensor | None,
+    proposal: str,
+    resampling: str,
+    generator: torch.Generator,
+    max_batch: int,
+) -> Tensor:
+    """Final log-weights [n_runs, K] (float64, CPU) of n_runs independent SIS runs of K particles.
+
+    Runs are stacked into SIS calls of at most max(max_batch, K) particles; run i uses cond row i.
+    """
+    per_call = max(1, max_batch // k)
+    out = []
+    dev = model.device
+    for start in range(0, n_runs, per_call):
+        r = min(per_call, n_runs - start)
+        c = None
+        if cond_rows is not None:
+            c = cond_rows[start : start + r].repeat_interleave(k, dim=0).to(dev)
+        res = run_smc(
+            model,
+            task.prompt_ids,
+            task.output_len,
+            task.bind(c),
+            r * k,
+            proposal=proposal,
+            resampling=resampling,
+            ess_threshold=0.0,
+            cond=c,
+            generator=generator,
+        )
+        out.append(res.log_w.double().cpu().view(r, k))
+    return torch.cat(out)
+
+
+def _replace_first(log_w: Tensor, value: Tensor) -> Tensor:
+    x = log_w.double().cpu().clone()
+    x[0] = value
+    return x
+
+
+@torch.no_grad()
+def evaluate_bounds(
+    model: TwistedLM,
+    task: Task,
+    exact_samples: Tensor,
+    *,
+    particles: list[int],
+    n_exact: int,
+    generator: torch.Generator,
+    resampling: str = "multinomial",
+    proposals: tuple[str, ...] = ("twist", "p0"),
+    log_z_exact: float | None = None,
+    n_g_q: int | None = None,
+    cond: Tensor | None = None,
+    progress: bool = False,
+    sis_batch: int = 4096,
+) -> dict[str, float | str]:
+    """Bounds on log Z for every proposal and K, F_q, G_q, a log Z estimate and the two KLs.
+
+    See the module docstring for the protocol and the metric keys. ``sis_batch``: the most
+    particles per SIS call (independent SIS runs are stacked into one call up to this size).
+    """
+    ks = sorted({int(k) for k in particles})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"particles must be a non-empty list of positive ints, got {particles}")
+    unknown = [p for p in proposals if p not in PREFIXES]
+    if unknown:
+        raise ValueError(f"unknown proposal(s) {unknown}; choose from {sorted(PREFIXES)}")
+    if "twist" not in proposals:
+        raise ValueError("proposals must include 'twist' (F_q, G_q and the KLs are of q^twist)")
+    if exact_samples.dim() != 2 or exact_samples.shape[1] != task.output_len:
+        raise ValueError(
+            f"exact_samples must be [M, T={task.output_len}], got {tuple(exact_samples.shape)}"
+        )
+    m = exact_samples.shape[0]
+    if not 1 <= n_exact <= m:
+        raise ValueError(f"n_exact must be between 1 and the {m} exact samples, got {n_exact}")
+    n_g = m if n_g_q is None else min(int(n_g_q), m)
+    if n_g < 1:
+        raise ValueError(f"n_g_q must be positive, got {n_g_q}")
+    cond_rows = _cond_rows(cond, m)
+    prompt = task.prompt_ids
+    t_len = task.output_len
+    dev = model.device
+
+    metrics: dict[str, float | str] = {}
+    f_q_values: Tensor | None = None
+    bar = tqdm(
+        total=len(proposals) * len(ks) * n_exact,
+        desc="log Z bounds",
+        disable=not progress,
+        leave=False,
+    )
+    for proposal in proposals:
+        prefix = PREFIXES[proposal]
+        # log w of the exact samples under this proposal (independent of K)
+        sigma_log_w = exact_sample_log_weights(
+            model,
+            task,
+            exact_samples[:n_exact],
+            cond=None if cond_rows is None else cond_rows[:n_exact],
+            proposal=proposal,
+        )
+        for k in ks:
+            per_bound: dict[str, list[float]] = {b: [] for b in BOUND_NAMES}
+            # SIS particles are independent, so the n_exact SIS runs go in batches of runs
+            sis_log_w = _sis_log_weights(
+                model, task, k, n_exact, cond_rows, proposal, resampling, generator, sis_batch
+            )  # [n_exact, K]
+            for i in range(n_exact):
+                per_bound["lower_sis"].append(log_mean_exp(sis_log_w[i]))
+                per_bound["upper_sis"].append(
+                    log_mean_exp(_replace_first(sis_log_w[i], sigma_log_w[i]))
+                )
+                c_i = None if cond_rows is None else cond_rows[i : i + 1].expand(k, -1).to(dev)
+                log_phi = task.bind(c_i)
+                smc = run_smc(
+                    model,
+                    prompt,
+                    t_len,
+                    log_phi,
+                    k,
+                    proposal=proposal,
+                    resampling=resampling,
+                    ess_threshold=1.0,
+                    cond=c_i,
+                    generator=generator,
+                )
+                per_bound["lower_smc"].append(smc.log_z_hat)
+                if k == 1:  # cSMC with one particle: Ẑ is the pinned sample's own weight
+                    per_bound["upper_smc"].append(float(sigma_log_w[i]))
+                else:
+                    csmc = run_smc(
+                        model,
+                        prompt,
+                        t_len,
+                        log_phi,
+                        k,
+                        proposal=proposal,
+                        resampling=resampling,
+                        ess_threshold=1.0,
+                        pinned=exact_samples[i].to(dev),
+                        cond=c_i,
+                        generator=generator,
+                    )
+                    per_bound["upper_smc"].append(csmc.log_z_hat)
+                bar.update(1)
+            for b, vals in per_bound.items():
+                mean, se = mean_se(vals)
+                metrics[f"{prefix}/k{k}/log_z_{b}"] = mean
+                metrics[f"{prefix}/k{k}/log_z_{b}_se"] = se
+            if proposal == "twist" and k == ks[-1]:
+                f_q_values = sis_log_w.reshape(-1)
+        for b in BOUND_NAMES:
+            for suffix in ("", "_se"):
+                metrics[f"{prefix}/log_z_{b}{suffix}"] = metrics[
+                    f"{prefix}/k{ks[-1]}/log_z_{b}{suffix}"
+                ]
+    bar.close()
+
+    assert f_q_values is not None
+    f_q, f_q_se = mean_se(f_q_values)
+    g_values = exact_sample_log_weights(
+        model,
+        task,
+        exact_samples[:n_g],
+        cond=None if cond_rows is None else cond_rows[:n_g],
+        proposal="twist",
+    )
+    g_q, g_q_se = mean_se(g_values)
+    metrics["bounds/f_q"], metrics["bounds/f_q_se"] = f_q, f_q_se
+    metrics["bounds/g_q"], metrics["bounds/g_q_se"] = g_q, g_q_se
+
+    if log_z_exact is not None:
+        log_z, source = float(log_z_exact), "exact"
+        metrics["log_z/exact"] = log_z
+    else:
+        log_z, source = log_z_midpoint(metrics)
+    metrics["log_z/estimate"] = log_z
+    metrics["log_z/estimate_source"] = source
+    metrics["kl/q_sigma"] = log_z - f_q
+    metrics["kl/sigma_q"] = g_q - log_z
+    return metrics
+
+
+def log_z_midpoint(metrics: dict, prefix: str = "bounds") -> tuple[float, str]:
+    """The reference's "best midpoint": the midpoint of the tighter of the SMC and SIS pairs.
+
+    Uses the largest-K keys ``{prefix}/log_z_{lower,upper}_{sis,smc}``. Ties go to SIS, as in
+    the reference (SMC is chosen only when its gap is strictly smaller).
+    """
+    lo_smc, up_smc = metrics[f"{prefix}/log_z_lower_smc"], metrics[f"{prefix}/log_z_upper_smc"]
+    lo_sis, up_sis = metrics[f"{prefix}/log_z_lower_sis"], metrics[f"{prefix}/log_z_upper_sis"]
+    if up_smc - lo_smc < up_sis - lo_sis:
+        return 0.5 * (lo_smc + up_smc), "smc_midpoint"
+    return 0.5 * (lo_sis + up_sis), "sis_midpoint"

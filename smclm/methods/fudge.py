@@ -1,0 +1,100 @@
+"""FUDGE: binary cross-entropy with soft labels (paper §4.4, Eq. 25; reference ``bce_p``).
+
+FUDGE (Yang & Klein, 2021) trains ψ_t(s_1:t) ∈ (0, 1) as a classifier of "the finished sequence
+satisfies φ" from prefixes under the base model, so that at optimum
+ψ_t(s_1:t) = E_p₀(s_t+1:T | s_1:t)[φ(s_1:T)] = ψ*_t (for φ ∈ [0, 1]). With y_k = φ(s_k) the label
+of every prefix of the p₀ sample s_k (a one-rollout estimate: the sample's own suffix is its
+rollout),
+
+    L = mean_{k,t} BCE(log ψ_t(s_k,1:t), y_k),   BCE(x, y) = −y·x − (1 − y)·log(1 − eˣ).
+
+Samples (paper-spec §4.6): K fresh samples from the base model p₀; no exact samples.
+
+Requirements and numerics:
+
+* The twist must output log ψ ≤ 0, i.e. be built with ``twist.squash=logsigmoid`` (the trainer
+  sets it from ``method.twist_squash``). A twist that does not is rejected with a ValueError.
+* Labels are y = exp(log φ) clamped to [0, 1]. For unbounded potentials (e.g. ``exp_count`` with
+  β > 0, where φ ≥ 1) the clamp makes the labels saturate at 1 and FUDGE is not meaningful; use a
+  potential with φ ∈ [0, 1] (indicators, class probabilities).
+* log(1 − eˣ) is computed stably (log(−expm1 x) near 0, log1p(−eˣ) below −log 2) with x capped at
+  −1e-6 in value only (the gradient passes through unchanged), so ψ → 1 costs a large but finite
+  loss instead of −∞.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from smclm.methods.base import TrainContext
+from smclm.smc.sampler import run_smc
+
+POSITIVES = ("p0", "sis")
+_X_MAX = -1e-6
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 − eˣ) for x ≤ 0, stable at both ends; values above −1e-6 are read as −1e-6."""
+    x = torch.where(x > _X_MAX, x - (x - _X_MAX).detach(), x)  # cap the value, keep the gradient
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _no_potential(tokens: Tensor) -> Tensor:
+    """log φ ≡ 0 while sampling from p₀ (φ is evaluated afterwards), so a φ = 0 batch cannot abort."""
+    return torch.zeros(tokens.shape[0], device=tokens.device)
+
+
+class FUDGE:
+    """BCE on p₀ samples with soft labels φ. Options: ``positives`` = ``p0`` (default) | ``sis``,
+    two names for the same thing (the method config group's shared key; FUDGE always uses p₀)."""
+
+    name = "fudge"
+
+    def __init__(self, positives: str = "p0") -> None:
+        if positives not in POSITIVES:
+            raise ValueError(
+                f"method.positives={positives!r} is not valid for fudge, which trains on p₀ "
+                f"samples only (bce_p); choose one of: {', '.join(POSITIVES)}"
+            )
+        self.positives = positives
+        self.needs_exact = False
+
+    def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
+        model, task, k = batch.model, batch.task, batch.n_particles
+        if model.twist is None:
+            raise ValueError("fudge trains a twist, but the model has none; set twist=mlp|linear")
+        squash = getattr(getattr(model.twist, "head", None), "squash", "logsigmoid")
+        if squash != "logsigmoid":
+            raise ValueError(
+                "fudge needs a twist with log ψ ≤ 0, but this twist's head has squash="
+                f"{squash!r}; set twist.squash=logsigmoid (method.twist_squash does this)"
+            )
+        prompt = task.prompt_ids
+        with torch.no_grad():
+            tokens = run_smc(
+                model.with_twist(None), prompt, task.output_len, _no_potential, k,
+                ess_threshold=0.0, generator=batch.generator,
+            ).tokens  # fmt: skip
+            log_phi = task.log_phi(tokens, batch.cond)
+            labels = log_phi.exp().clamp(0.0, 1.0)[:, None]  # [K, 1], the same for every t
+
+        _, log_psi_all = model.forward_full(prompt, tokens, batch.cond)
+        log_psi = log_psi_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [K, T]
+        if (log_psi.detach() > 0).any():
+            raise ValueError(
+                "fudge needs log ψ ≤ 0 (ψ is a probability), but the twist returned log ψ > 0; "
+                "set twist.squash=logsigmoid"
+            )
+        pos = labels * log_psi.masked_fill(labels == 0, 0.0)  # 0·(−∞) counts as 0
+        neg = (1 - labels) * log1mexp(log_psi).masked_fill(labels == 1, 0.0)
+        loss = -(pos + neg).mean()
+        metrics = {
+            "train/loss": float(loss.detach()),
+            "train/label_mean": float(labels.mean()),
+            "train/log_psi_mean": float(log_psi.detach().mean()),
+            "train/psi_mean": float(log_psi.detach().exp().mean()),
+        }
+        return loss, metrics

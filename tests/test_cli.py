@@ -1,0 +1,207 @@
+"""The real `smclm` command, end to end, with tiny settings (subprocesses, offline)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SMCLM_CACHE": "", "PYTHONUNBUFFERED": "1"}
+TINY_TRAIN = [
+    "train.updates=2",
+    "train.eval_every=1",
+    "smc.n_particles=8",
+    "task.output_len=3",
+    "train.progress=false",
+]
+
+
+def smclm(*args, cwd=None, cache=None, timeout=300):
+    env = dict(ENV)
+    if cache is not None:
+        env["SMCLM_CACHE"] = str(cache)
+    return subprocess.run(
+        [sys.executable, "-m", "smclm.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def error_lines(proc):
+    return [line for line in proc.stderr.splitlines() if line.startswith("smclm: error")]
+
+
+def test_no_command_prints_usage_and_exits_2():
+    proc = smclm()
+    assert proc.returncode == 2
+    assert "usage: smclm <command>" in proc.stderr
+
+
+def test_sample_prints_weighted_samples_and_log_z_hat():
+    proc = smclm("sample", "n=5", "seed=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "log Z-hat =" in proc.stdout
+    assert len([ln for ln in proc.stdout.splitlines() if ln.strip().startswith("0.")]) == 5
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "gpt2"])
+def test_sample_with_a_real_architecture_from_a_local_directory(tiny_lm_dirs, arch):
+    proc = smclm(
+        "sample",
+        "model=tinystories",
+        f"model.name={tiny_lm_dirs[arch]}",
+        "model.dtype=float32",
+        "twist=linear",
+        "n=4",
+        "task.prompt=the cat",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "log Z-hat =" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["sample", "task=nope"], "unknown task 'nope'"),
+        (["train", "method=nope"], "unknown method 'nope'"),
+        (["sample", "model.name=/no/such/model/dir"], "no such directory"),
+        (["sample", "smc.n_particles=0"], "smc.n_particles=0"),
+        (["sample", "smc.ess_threshold=1.5"], "smc.ess_threshold=1.5"),
+        (["sample", "smc.resampling=residual"], "smc.resampling=residual"),
+        (["eval", "evaluator=exact", "task.output_len=8"], "evaluator=exact enumerates"),
+        (["train", "optimizer.lr=0"], "optimizer.lr=0"),
+        (["sample", "task.prompt=zebra"], "task.prompt"),
+        (["frobnicate"], "unknown command"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path, args, needle):
+    proc = smclm(*args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    errors = error_lines(proc)
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_without_a_run_writes_exact_summary(tmp_path):
+    proc = smclm("eval", "task.output_len=3", f"hydra.run.dir={tmp_path}/ev", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    for key in ("log_z/exact", "kl/q_sigma_exact", "kl/sigma_q_exact"):
+        assert isinstance(summary[key], float)
+    # the untrained twist is ψ ≡ 1, so its proposal is p₀: KL(σ‖p₀) = −log Z for an indicator
+    assert abs(summary["kl/sigma_q_exact"] + summary["log_z/exact"]) < 1e-3
+
+
+def test_cfg_job_prints_the_composed_config():
+    proc = smclm("train", "method=rl", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "name: rl" in proc.stdout and "n_particles:" in proc.stdout
+
+
+@pytest.mark.parametrize("method", ["ctl", "rl", "sixo", "fudge", "dpg"])
+def test_train_each_method_writes_a_complete_run_dir(tmp_path, method):
+    run = tmp_path / "run"
+    proc = smclm("train", f"method={method}", *TINY_TRAIN, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        assert (run / name).is_file()
+    assert (run / "checkpoints" / "step_2" / "twist.safetensors").is_file()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "kl/sigma_q_exact" in r] == [0, 1, 2]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["run/method"] == method and summary["run/updates"] == 2
+    assert "train/loss" in summary and "kl/sigma_q_exact" in summary
+
+
+def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path):
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "method=ctl",
+        "smc.n_particles=8",
+        "task.output_len=3",
+        "train.eval_every=100000",
+        "train.progress=false",
+        f"hydra.run.dir={run}",
+    ]
+    env = dict(ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smclm.cli", *args, "train.updates=100000"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "resume=true" in err
+    ckpts = sorted(run.glob("checkpoints/step_*"), key=lambda p: int(p.name.split("_")[1]))
+    stopped_at = int(ckpts[-1].name.split("_")[1])
+    assert stopped_at >= 3
+    resumed = smclm(*args, f"train.updates={stopped_at + 2}", "resume=true", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == stopped_at + 2
+    assert len([s for s in steps if s == stopped_at + 1]) == 1
+
+
+def test_existing_run_dir_without_resume_is_refused(tmp_path):
+    run = tmp_path / "run"
+    assert smclm("train", *TINY_TRAIN, f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
+    again = smclm("train", *TINY_TRAIN, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert again.returncode == 2 and "resume=true" in error_lines(again)[0]
+
+
+def test_eval_of_a_dir_without_checkpoints_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = smclm("eval", f"run={tmp_path / 'empty'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "no checkpoints" in error_lines(proc)[0]
+
+
+def test_multirun_sweep_then_table_and_plot(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = smclm(
+        "train",
+        "-m",
+        "method=ctl,dpg",
+        "seed=0,1",
+        *TINY_TRAIN,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(sweep.glob("*/summary.json"))) == 4
+    table = smclm("table", str(sweep))
+    assert table.returncode == 0, table.stderr
+    md = (sweep / "table.md").read_text()
+    assert "ctl" in md and "dpg" in md and (sweep / "table.csv").is_file()
+    plot = smclm("plot", str(sweep))
+    assert plot.returncode == 0, plot.stderr
+    pngs = list(sweep.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_table_of_a_dir_without_runs_is_refused(tmp_path):
+    proc = smclm("table", str(tmp_path))
+    assert proc.returncode == 2 and "no runs found" in error_lines(proc)[0]
+
+
+def test_package_configs_are_found_from_any_directory(tmp_path):
+    assert Path(tmp_path).is_dir()
+    proc = smclm("sample", "n=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,212 @@
+"""Twist learners (smclm.methods): registry, plumbing, gradients at the optimum, and learning.
+
+The toy problem everywhere: the toy world with V = 10, prompt [0, 1], T = 3 (1000 sequences, so
+everything is enumerable), and the threshold potential φ = 1[token 8 appears] + ε with ε = 1e-3
+(P_p₀(token 8 appears) ≈ 0.02, so KL(σ‖p₀) ≈ 3.55 nats). ε = 1e-3 rather than the paper's 1e-16
+keeps the RL targets log φ ≥ −6.9 (with −36.8 RL needs a much smaller step size to stay stable).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from smclm.evaluators.exact import exact_metrics, solve
+from smclm.methods import METHODS, TrainContext, build_method
+from smclm.methods.fudge import log1mexp
+from smclm.models.loading import build_twist
+from smclm.models.toy import build_toy_model
+from smclm.models.twist import TabularTwist
+from smclm.models.twisted_lm import TwistedLM
+from smclm.tasks.toy import build_toy_task
+
+V, T, TARGET, EPS = 10, 3, 8, 1e-3
+ALL = ("ctl", "dpg", "fudge", "rl", "sixo")
+WITH_EXACT = ("ctl", "dpg", "rl", "sixo")
+
+
+@pytest.fixture(scope="module")
+def world():
+    base = build_toy_model(vocab_size=V)
+    task = build_toy_task(torch.tensor([0, 1]), T, "threshold", [TARGET], V, epsilon=EPS)
+    sol = solve(TwistedLM(base), task)
+    gen = torch.Generator().manual_seed(1234)
+    pool = sol.sequences[torch.multinomial(sol.log_sigma.exp(), 512, True, generator=gen)]
+    return base, task, sol, pool
+
+
+def head_model(base, method: str, head: str = "mlp", seed: int = 0) -> TwistedLM:
+    torch.manual_seed(seed)
+    squash = "logsigmoid" if method == "fudge" else None
+    return TwistedLM(base, build_twist("head", base, head=head, squash=squash))
+
+
+class TrainableTable(TabularTwist):
+    """TabularTwist whose log ψ_t tables are trainable parameters (same begin/advance/full)."""
+
+    def __init__(self, tables: list[torch.Tensor]) -> None:
+        nn.Module.__init__(self)
+        self.tables = nn.ParameterList(nn.Parameter(t.clone().float()) for t in tables)
+        self.vocab_size = tables[0].shape[-1]
+
+
+# -- registry and plumbing ---------------------------------------------------------------------
+
+
+def test_registry_names_and_unknown():
+    assert sorted(METHODS) == list(ALL)
+    with pytest.raises(
+        ValueError, match="unknown method 'x'; choose one of: ctl, dpg, fudge, rl, sixo"
+    ):
+        build_method("x")
+    with pytest.raises(ValueError, match="does not take option"):
+        build_method("ctl", temperature=1.0)
+    for name in ALL:
+        m = build_method(name)
+        assert m.name == name and m.needs_exact is False
+    for name in WITH_EXACT:
+        assert build_method(name, positives="exact").needs_exact is True
+    with pytest.raises(ValueError, match="positives"):
+        build_method("fudge", positives="exact")
+    with pytest.raises(ValueError, match="positives"):
+        build_method("ctl", positives="smc")
+    # the values the method config group passes are accepted
+    build_method("fudge", positives="sis")
+    build_method("sixo", positives="smc")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_loss_is_finite_scalar_with_grad(world, name):
+    base, task, _, _ = world
+    model = head_model(base, name)
+    batch = TrainContext(model, task, 16, torch.Generator().manual_seed(0))
+    loss, metrics = build_method(name).loss(batch)
+    assert loss.dim() == 0 and torch.isfinite(loss) and loss.grad_fn is not None
+    assert "train/loss" in metrics and metrics["train/loss"] == pytest.approx(float(loss))
+    assert all(k.startswith("train/") and isinstance(v, float) for k, v in metrics.items())
+    loss.backward()
+    assert all(p.grad is None for p in base.parameters())  # only the twist gets gradients
+    grads = [p.grad for p in model.twist.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", WITH_EXACT)
+def test_exact_positives(world, name):
+    base, task, _, pool = world
+    model = head_model(base, name)
+    method = build_method(name, positives="exact")
+    batch = TrainContext(model, task, 16, torch.Generator().manual_seed(0), exact_pool=pool)
+    loss, metrics = method.loss(batch)
+    assert torch.isfinite(loss) and loss.grad_fn is not None and "train/loss" in metrics
+    no_pool = TrainContext(model, task, 16, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="exact target samples"):
+        method.loss(no_pool)
+
+
+def test_fudge_rejects_unsquashed_twist(world):
+    base, task, _, _ = world
+    model = head_model(base, "ctl")  # squash=None: log ψ can be > 0
+    with pytest.raises(ValueError, match="twist.squash=logsigmoid"):
+        build_method("fudge").loss(TrainContext(model, task, 8, torch.Generator().manual_seed(0)))
+
+
+def test_log1mexp_is_stable():
+    x = torch.tensor([-30.0, -5.0, -math.log(2.0), -0.1, -1e-4, -1e-9, 0.0], requires_grad=True)
+    y = log1mexp(x)
+    ref = torch.log(-torch.expm1(x.detach().double().clamp(max=-1e-6))).float()
+    assert torch.allclose(y.detach(), ref, rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+
+
+def test_rl_rejects_infinite_log_phi(world):
+    base, _, _, _ = world
+    task = build_toy_task(torch.tensor([0, 1]), T, "threshold", [TARGET], V, epsilon=0.0)
+    batch = TrainContext(head_model(base, "rl"), task, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="epsilon"):
+        build_method("rl").loss(batch)
+
+
+# -- gradient at the optimal twist --------------------------------------------------------------
+
+
+def _mean_grad(model: TwistedLM, task, name: str, n_batches: int, k: int, seed: int):
+    """Mean and standard error over n_batches seeded batches of the flattened table gradient."""
+    method = build_method(name)
+    gen = torch.Generator().manual_seed(seed)
+    params = list(model.twist.parameters())
+    grads, losses = [], []
+    for _ in range(n_batches):
+        loss, _ = method.loss(TrainContext(model, task, k, gen))
+        g = torch.autograd.grad(loss, params, allow_unused=True)
+        grads.append(
+            torch.cat(
+                [
+                    (x if x is not None else torch.zeros_like(p)).reshape(-1)
+                    for x, p in zip(g, params)
+                ]
+            ).double()
+        )
+        losses.append(float(loss))
+    g = torch.stack(grads)
+    return g.mean(0), g.std(0) / math.sqrt(n_batches), losses
+
+
+@pytest.mark.parametrize("name", ["ctl", "rl", "dpg"])
+def test_expected_gradient_vanishes_at_optimal_twist(world, name):
+    base, task, sol, _ = world
+    tables = sol.psi_star_tables()
+    opt = TwistedLM(base, TrainableTable(tables))
+    mean, se, losses = _mean_grad(opt, task, name, n_batches=48, k=16, seed=0)
+    # Each component of the averaged gradient is within k·stderr of 0, k = 5 (plus 1e-5 for float
+    # round-off: at ψ* the CTL and RL per-batch gradients are exactly 0 up to rounding, since the
+    # proposal q^π* = σ_t makes all CTL weights uniform and every RL target equal its value).
+    assert (mean.abs() <= 5 * se + 1e-5).all(), float((mean.abs() - 5 * se).max())
+    if name == "rl":
+        assert max(losses) < 1e-6  # targets equal values at ψ*
+    if name == "ctl":
+        assert max(abs(x) for x in losses) < 1e-5  # positives and negatives coincide
+
+    # Control: the same estimate at a perturbed twist is clearly non-zero (some component more
+    # than 10 standard errors away from 0), so the check above can fail.
+    gen = torch.Generator().manual_seed(1)
+    noisy = [t + 0.5 * torch.randn(t.shape, generator=gen) for t in tables]
+    pert = TwistedLM(base, TrainableTable(noisy))
+    mean_p, se_p, _ = _mean_grad(pert, task, name, n_batches=48, k=16, seed=0)
+    z = mean_p.abs() / (se_p + 1e-12)
+    assert z.max() > 10 and mean_p.norm() > 100 * mean.norm()
+
+
+# -- learning -------------------------------------------------------------------------------------
+
+# (lr, K particles, updates, required KL(σ‖q) ratio final/initial). Adam, MLP head, seed 0.
+# Observed on this problem (KL(σ‖q) starts at 3.55): see LEARNING_SEEN below.
+LEARNING = {
+    "ctl": (3e-3, 32, 60, 0.5),
+    "rl": (1e-3, 32, 80, 0.5),
+    "sixo": (1e-3, 32, 100, 0.5),
+    "fudge": (1e-3, 32, 60, 0.75),
+    "dpg": (1e-3, 32, 80, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_learning_reduces_kl(world, name):
+    base, task, sol, _ = world
+    lr, k, updates, ratio = LEARNING[name]
+    model = head_model(base, name, seed=0)
+    method = build_method(name)
+    batch = TrainContext(model, task, k, torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.twist.parameters(), lr=lr)
+    kl0 = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
+    for _ in range(updates):
+        loss, _ = method.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    kl1 = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
+    print(f"{name}: KL(sigma||q) {kl0:.3f} -> {kl1:.3f} (ratio {kl1 / kl0:.3f})")
+    assert kl1 <= ratio * kl0
