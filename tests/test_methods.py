@@ -201,24 +201,30 @@ def test_expected_gradient_vanishes_at_optimal_twist(world, name):
 
 # -- learning -------------------------------------------------------------------------------------
 
-# (lr, K particles, updates, required KL(σ‖q) ratio final/initial). Adam, MLP head, seed 0.
-# Observed on this problem (KL(σ‖q) starts at 3.55): see LEARNING_SEEN below.
+# Adam on an MLP head (seed 0): (lr, K particles, updates, required KL(σ‖q) final/initial ratio).
+# KL(σ‖q) starts at 3.55 (q = p₀). Final ratios seen, seeds 0–4 (seed 0 is the test):
+#   ctl   0.057 0.108 0.108 0.077 0.107   exact positives (seed 0): 0.064
+#   rl    0.265 0.265 0.283 0.281 0.272                             0.170
+#   sixo  0.184 0.190 0.177 0.177 0.218                             0.069
+#   fudge 0.089 0.085 0.091 0.135 0.107
+#   dpg   0.128 0.115 0.109 0.106 0.125                             0.050
 LEARNING = {
-    "ctl": (3e-3, 32, 60, 0.5),
-    "rl": (1e-3, 32, 80, 0.5),
-    "sixo": (1e-3, 32, 100, 0.5),
-    "fudge": (1e-3, 32, 60, 0.75),
-    "dpg": (1e-3, 32, 80, 0.5),
+    "ctl": (3e-3, 32, 100, 0.5),
+    "rl": (1e-3, 32, 150, 0.5),
+    "sixo": (1e-3, 32, 150, 0.5),
+    "fudge": (1e-3, 32, 100, 0.75),
+    "dpg": (1e-3, 32, 100, 0.5),
 }
+CASES = [(name, None) for name in ALL] + [(name, "exact") for name in WITH_EXACT]
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_learning_reduces_kl(world, name):
-    base, task, sol, _ = world
+@pytest.mark.parametrize(("name", "positives"), CASES)
+def test_learning_reduces_kl(world, name, positives):
+    base, task, sol, pool = world
     lr, k, updates, ratio = LEARNING[name]
     model = head_model(base, name, seed=0)
-    method = build_method(name)
-    batch = TrainContext(model, task, k, torch.Generator().manual_seed(0))
+    method = build_method(name) if positives is None else build_method(name, positives=positives)
+    batch = TrainContext(model, task, k, torch.Generator().manual_seed(0), exact_pool=pool)
     opt = torch.optim.Adam(model.twist.parameters(), lr=lr)
     kl0 = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
     for _ in range(updates):
@@ -227,5 +233,8 @@ def test_learning_reduces_kl(world, name):
         loss.backward()
         opt.step()
     kl1 = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
-    print(f"{name}: KL(sigma||q) {kl0:.3f} -> {kl1:.3f} (ratio {kl1 / kl0:.3f})")
+    print(
+        f"{name} ({positives or 'default'}): KL(sigma||q) {kl0:.3f} -> {kl1:.3f} "
+        f"(ratio {kl1 / kl0:.3f})"
+    )
     assert kl1 <= ratio * kl0

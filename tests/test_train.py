@@ -72,3 +72,16 @@ def test_exact_positives_use_the_collected_pool(tmp_path):
     summary = train(cfg, tmp_path / "run")
     assert summary["run/updates"] == 2
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+
+# Exact KL(σ‖q) final/initial ratios seen for `smclm train experiment=toy_<m>` (seed 0, model=toy):
+# ctl 0.12, rl 0.14, sixo 0.24, fudge 0.15, dpg 0.12. Required: ≤ 0.5 (FUDGE ≤ 0.75).
+@pytest.mark.parametrize(
+    "method,bound", [("ctl", 0.5), ("rl", 0.5), ("sixo", 0.5), ("fudge", 0.75), ("dpg", 0.5)]
+)
+def test_toy_experiment_configs_work_out_of_the_box(tmp_path, method, bound):
+    summary = train(make_cfg(f"experiment=toy_{method}", "train.progress=false"), tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kls = [r["kl/sigma_q_exact"] for r in rows if "kl/sigma_q_exact" in r]
+    assert summary["run/method"] == method
+    assert kls[-1] <= bound * kls[0], (kls[0], kls[-1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 
+from smclm.errors import ConfigError
 from smclm.methods.base import Method, TrainContext
 from smclm.methods.ctl import CTL
 from smclm.methods.dpg import DPG
@@ -24,12 +25,12 @@ __all__ = ["CTL", "DPG", "FUDGE", "METHODS", "RL", "SIXO", "Method", "TrainConte
 def build_method(name: str, **kwargs) -> Method:
     """The method ``name`` with its options, e.g. ``build_method("ctl", positives="exact")``."""
     if name not in METHODS:
-        raise ValueError(f"unknown method '{name}'; choose one of: {', '.join(sorted(METHODS))}")
+        raise ConfigError(f"unknown method '{name}'; choose one of: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
     allowed = [p for p in inspect.signature(cls).parameters if p != "self"]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"method {name} does not take option(s) {', '.join(unknown)}; its options are: "
             f"{', '.join(allowed) or 'none'}"
         )

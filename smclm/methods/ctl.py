@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from smclm.errors import ConfigError
 from smclm.methods.base import TrainContext
 from smclm.smc.sampler import ess, run_smc
 
@@ -46,7 +47,7 @@ class CTL:
 
     def __init__(self, positives: str = "sis") -> None:
         if positives not in POSITIVES:
-            raise ValueError(
+            raise ConfigError(
                 f"method.positives={positives!r} is not valid for ctl; choose one of: "
                 f"{', '.join(POSITIVES)}"
             )
@@ -56,14 +57,20 @@ class CTL:
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
         if model.twist is None:
-            raise ValueError("ctl trains a twist, but the model has none; set twist=mlp|linear")
+            raise ConfigError("ctl trains a twist, but the model has none; set twist=mlp|linear")
         prompt = task.prompt_ids
         with torch.no_grad():
             sis = run_smc(
-                model, prompt, task.output_len, task.bind(batch.cond), k,
-                resampling=batch.resampling, ess_threshold=0.0, cond=batch.cond,
+                model,
+                prompt,
+                task.output_len,
+                task.bind(batch.cond),
+                k,
+                resampling=batch.resampling,
+                ess_threshold=0.0,
+                cond=batch.cond,
                 generator=batch.generator,
-            )  # fmt: skip
+            )
             pos_tokens = batch.draw_exact(k) if self.needs_exact else None
 
         # Negatives (and SIS positives): one teacher-forced pass on the SIS particles.

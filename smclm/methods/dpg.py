@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from smclm.errors import ConfigError
 from smclm.methods.base import TrainContext
 from smclm.smc.sampler import ess, run_smc
 
@@ -34,7 +35,7 @@ class DPG:
 
     def __init__(self, positives: str = "sis") -> None:
         if positives not in POSITIVES:
-            raise ValueError(
+            raise ConfigError(
                 f"method.positives={positives!r} is not valid for dpg; choose one of: "
                 f"{', '.join(POSITIVES)}"
             )
@@ -44,7 +45,7 @@ class DPG:
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
         if model.twist is None:
-            raise ValueError("dpg trains a twist, but the model has none; set twist=mlp|linear")
+            raise ConfigError("dpg trains a twist, but the model has none; set twist=mlp|linear")
         prompt = task.prompt_ids
         metrics: dict[str, float] = {}
         with torch.no_grad():
@@ -54,10 +55,16 @@ class DPG:
                 metrics["train/ess_frac"] = 1.0
             else:
                 sis = run_smc(
-                    model, prompt, task.output_len, task.bind(batch.cond), k,
-                    resampling=batch.resampling, ess_threshold=0.0, cond=batch.cond,
+                    model,
+                    prompt,
+                    task.output_len,
+                    task.bind(batch.cond),
+                    k,
+                    resampling=batch.resampling,
+                    ess_threshold=0.0,
+                    cond=batch.cond,
                     generator=batch.generator,
-                )  # fmt: skip
+                )
                 tokens, w = sis.tokens, torch.softmax(sis.log_w, dim=0)
                 metrics["train/ess_frac"] = ess(sis.log_w) / k
                 metrics["train/log_z_hat"] = sis.log_z_hat
@@ -71,10 +78,12 @@ class DPG:
         expected = (q_all * log_psi_all.masked_fill(q_all == 0, 0.0)).sum(-1)  # [K, T]
         per_seq = (log_psi - expected).mean(1)  # (1/T) Σ_t ∇-surrogate of log q^π_t(s_t)
         loss = -(w * per_seq.masked_fill(w == 0, 0.0)).sum()
-        metrics.update({
-            "train/loss": float(loss.detach()),
-            "train/log_psi_mean": float(log_psi.detach().mean()),
-            # −Σ_k w̄_k log q^π(s_k): an estimate of the cross-entropy H(σ, q^π) being minimised
-            "train/cross_entropy": float(-(w * log_q).sum()),
-        })  # fmt: skip
+        metrics.update(
+            {
+                "train/loss": float(loss.detach()),
+                "train/log_psi_mean": float(log_psi.detach().mean()),
+                # −Σ_k w̄_k log q^π(s_k): an estimate of the cross-entropy H(σ, q^π) being minimised
+                "train/cross_entropy": float(-(w * log_q).sum()),
+            }
+        )
         return loss, metrics

@@ -13,7 +13,7 @@ Samples (paper-spec §4.6): K fresh samples from the base model p₀; no exact s
 Requirements and numerics:
 
 * The twist must output log ψ ≤ 0, i.e. be built with ``twist.squash=logsigmoid`` (the trainer
-  sets it from ``method.twist_squash``). A twist that does not is rejected with a ValueError.
+  sets it from ``method.twist_squash``). A twist that does not is rejected with a ConfigError (a ValueError).
 * Labels are y = exp(log φ) clamped to [0, 1]. For unbounded potentials (e.g. ``exp_count`` with
   β > 0, where φ ≥ 1) the clamp makes the labels saturate at 1 and FUDGE is not meaningful; use a
   potential with φ ∈ [0, 1] (indicators, class probabilities).
@@ -29,6 +29,7 @@ import math
 import torch
 from torch import Tensor
 
+from smclm.errors import ConfigError
 from smclm.methods.base import TrainContext
 from smclm.smc.sampler import run_smc
 
@@ -55,7 +56,7 @@ class FUDGE:
 
     def __init__(self, positives: str = "p0") -> None:
         if positives not in POSITIVES:
-            raise ValueError(
+            raise ConfigError(
                 f"method.positives={positives!r} is not valid for fudge, which trains on p₀ "
                 f"samples only (bce_p); choose one of: {', '.join(POSITIVES)}"
             )
@@ -65,26 +66,31 @@ class FUDGE:
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
         if model.twist is None:
-            raise ValueError("fudge trains a twist, but the model has none; set twist=mlp|linear")
+            raise ConfigError("fudge trains a twist, but the model has none; set twist=mlp|linear")
         squash = getattr(getattr(model.twist, "head", None), "squash", "logsigmoid")
         if squash != "logsigmoid":
-            raise ValueError(
+            raise ConfigError(
                 "fudge needs a twist with log ψ ≤ 0, but this twist's head has squash="
                 f"{squash!r}; set twist.squash=logsigmoid (method.twist_squash does this)"
             )
         prompt = task.prompt_ids
         with torch.no_grad():
             tokens = run_smc(
-                model.with_twist(None), prompt, task.output_len, _no_potential, k,
-                ess_threshold=0.0, generator=batch.generator,
-            ).tokens  # fmt: skip
+                model.with_twist(None),
+                prompt,
+                task.output_len,
+                _no_potential,
+                k,
+                ess_threshold=0.0,
+                generator=batch.generator,
+            ).tokens
             log_phi = task.log_phi(tokens, batch.cond)
             labels = log_phi.exp().clamp(0.0, 1.0)[:, None]  # [K, 1], the same for every t
 
         _, log_psi_all = model.forward_full(prompt, tokens, batch.cond)
         log_psi = log_psi_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [K, T]
         if (log_psi.detach() > 0).any():
-            raise ValueError(
+            raise ConfigError(
                 "fudge needs log ψ ≤ 0 (ψ is a probability), but the twist returned log ψ > 0; "
                 "set twist.squash=logsigmoid"
             )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from smclm.errors import ConfigError
 from smclm.methods.base import TrainContext
 from smclm.models.twisted_lm import TwistedLM
 from smclm.smc.sampler import run_smc
@@ -35,7 +36,7 @@ def _squared_error(
 ) -> tuple[Tensor, Tensor]:
     """mean over (k, t) of (V_t − Y_t)² on tokens [K, T] with log φ [K]; also V [K, T] (no grad)."""
     if not torch.isfinite(log_phi).all():
-        raise ValueError(
+        raise ConfigError(
             "rl regresses log ψ_T onto log φ, which is -inf or NaN on some samples; use a "
             "potential with a positive floor (task.epsilon > 0)"
         )
@@ -56,7 +57,7 @@ class RL:
 
     def __init__(self, positives: str = "sis") -> None:
         if positives not in POSITIVES:
-            raise ValueError(
+            raise ConfigError(
                 f"method.positives={positives!r} is not valid for rl; choose one of: "
                 f"{', '.join(POSITIVES)}"
             )
@@ -66,14 +67,20 @@ class RL:
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
         if model.twist is None:
-            raise ValueError("rl trains a twist, but the model has none; set twist=mlp|linear")
+            raise ConfigError("rl trains a twist, but the model has none; set twist=mlp|linear")
         prompt = task.prompt_ids
         with torch.no_grad():
             sis = run_smc(
-                model, prompt, task.output_len, task.bind(batch.cond), k,
-                resampling=batch.resampling, ess_threshold=0.0, cond=batch.cond,
+                model,
+                prompt,
+                task.output_len,
+                task.bind(batch.cond),
+                k,
+                resampling=batch.resampling,
+                ess_threshold=0.0,
+                cond=batch.cond,
                 generator=batch.generator,
-            )  # fmt: skip
+            )
         loss_q, values = _squared_error(model, prompt, sis.tokens, sis.log_phi, batch.cond)
         loss = loss_q
         metrics = {"train/loss_q": float(loss_q.detach())}
@@ -84,11 +91,13 @@ class RL:
             loss_sigma, _ = _squared_error(model, prompt, pos_tokens, pos_log_phi, batch.cond)
             loss = loss_q + loss_sigma
             metrics["train/loss_sigma"] = float(loss_sigma.detach())
-        metrics.update({
-            "train/loss": float(loss.detach()),
-            "train/log_psi_mean": float(values.mean()),
-            "train/log_psi_T_mean": float(values[:, -1].mean()),
-            "train/log_phi_mean": float(sis.log_phi.mean()),
-            "train/log_z_hat": sis.log_z_hat,
-        })  # fmt: skip
+        metrics.update(
+            {
+                "train/loss": float(loss.detach()),
+                "train/log_psi_mean": float(values.mean()),
+                "train/log_psi_T_mean": float(values[:, -1].mean()),
+                "train/log_phi_mean": float(sis.log_phi.mean()),
+                "train/log_z_hat": sis.log_z_hat,
+            }
+        )
         return loss, metrics

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from smclm.errors import ConfigError
 from smclm.methods.base import TrainContext
 from smclm.smc.sampler import ess, run_smc
 
@@ -41,7 +42,7 @@ class SIXO:
 
     def __init__(self, positives: str = "smc") -> None:
         if positives not in POSITIVES:
-            raise ValueError(
+            raise ConfigError(
                 f"method.positives={positives!r} is not valid for sixo; choose one of: "
                 f"{', '.join(POSITIVES)}"
             )
@@ -51,7 +52,7 @@ class SIXO:
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
         if model.twist is None:
-            raise ValueError("sixo trains a twist, but the model has none; set twist=mlp|linear")
+            raise ConfigError("sixo trains a twist, but the model has none; set twist=mlp|linear")
         prompt, t_len = task.prompt_ids, task.output_len
         metrics: dict[str, float] = {}
         with torch.no_grad():
@@ -61,16 +62,28 @@ class SIXO:
                 metrics["train/ess_frac"] = 1.0
             else:
                 smc = run_smc(
-                    model, prompt, t_len, task.bind(batch.cond), k, resampling=batch.resampling,
-                    ess_threshold=1.0, cond=batch.cond, generator=batch.generator,
-                )  # fmt: skip
+                    model,
+                    prompt,
+                    t_len,
+                    task.bind(batch.cond),
+                    k,
+                    resampling=batch.resampling,
+                    ess_threshold=1.0,
+                    cond=batch.cond,
+                    generator=batch.generator,
+                )
                 pos_tokens, w_pos = smc.tokens, torch.softmax(smc.log_w, dim=0)
                 metrics["train/ess_frac"] = ess(smc.log_w) / k
                 metrics["train/log_z_hat"] = smc.log_z_hat
             neg_tokens = run_smc(
-                model.with_twist(None), prompt, t_len, _no_potential, k, ess_threshold=0.0,
+                model.with_twist(None),
+                prompt,
+                t_len,
+                _no_potential,
+                k,
+                ess_threshold=0.0,
                 generator=batch.generator,
-            ).tokens  # fmt: skip
+            ).tokens
 
         _, log_psi_pos_all = model.forward_full(prompt, pos_tokens, batch.cond)
         log_psi_pos = log_psi_pos_all.gather(-1, pos_tokens.unsqueeze(-1)).squeeze(-1)  # [K, T]
@@ -82,11 +95,13 @@ class SIXO:
         pos = (w_pos * pos_per_seq).sum()
         neg = F.logsigmoid(-log_psi_neg).mean()
         loss = -(pos + neg)
-        metrics.update({
-            "train/loss": float(loss.detach()),
-            "train/pos_term": float(pos.detach()),
-            "train/neg_term": float(neg.detach()),
-            "train/log_psi_mean": float(log_psi_pos.detach().mean()),
-            "train/log_psi_neg_mean": float(log_psi_neg.detach().mean()),
-        })  # fmt: skip
+        metrics.update(
+            {
+                "train/loss": float(loss.detach()),
+                "train/pos_term": float(pos.detach()),
+                "train/neg_term": float(neg.detach()),
+                "train/log_psi_mean": float(log_psi_pos.detach().mean()),
+                "train/log_psi_neg_mean": float(log_psi_neg.detach().mean()),
+            }
+        )
         return loss, metrics
