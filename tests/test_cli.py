@@ -205,3 +205,17 @@ def test_package_configs_are_found_from_any_directory(tmp_path):
     assert Path(tmp_path).is_dir()
     proc = smclm("sample", "n=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_wandb_offline_logger_needs_no_network(tmp_path):
+    run = tmp_path / "run"
+    proc = smclm(
+        "train",
+        *TINY_TRAIN,
+        "logger=wandb",
+        "logger.mode=offline",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert list((run / "wandb").glob("offline-run-*"))
