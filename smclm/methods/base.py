@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from smclm.models.twisted_lm import TwistedLM
+from smclm.smc.sampler import SMCResult, run_smc
 from smclm.tasks.base import Task
 
 
@@ -30,6 +31,22 @@ class TrainContext:
     resampling: str = "multinomial"
     exact_pool: Tensor | None = None  # [M, T] exact σ samples, when available
     cond: Tensor | None = None  # [K, c] conditioning tokens for this update (infilling)
+
+    def sample(self, ess_threshold: float, p0: bool = False) -> SMCResult:
+        """K particles for this update: SIS (ess_threshold=0) or SMC (1.0) from the twisted
+        proposal, or plain p₀ samples (p0=True). Call under torch.no_grad()."""
+        model = self.model.with_twist(None) if p0 else self.model
+        return run_smc(
+            model,
+            self.task.prompt_ids,
+            self.task.output_len,
+            self.task.bind(self.cond),
+            self.n_particles,
+            resampling=self.resampling,
+            ess_threshold=ess_threshold,
+            cond=self.cond,
+            generator=self.generator,
+        )
 
     def draw_exact(self, k: int) -> Tensor:
         """k exact target samples drawn uniformly (with replacement) from the pool: [k, T]."""

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from smclm.errors import ConfigError
 from smclm.methods.base import TrainContext
-from smclm.smc.sampler import ess, run_smc
+from smclm.smc.sampler import ess
 
 POSITIVES = ("sis", "exact")
 
@@ -60,17 +60,7 @@ class CTL:
             raise ConfigError("ctl trains a twist, but the model has none; set twist=mlp|linear")
         prompt = task.prompt_ids
         with torch.no_grad():
-            sis = run_smc(
-                model,
-                prompt,
-                task.output_len,
-                task.bind(batch.cond),
-                k,
-                resampling=batch.resampling,
-                ess_threshold=0.0,
-                cond=batch.cond,
-                generator=batch.generator,
-            )
+            sis = batch.sample(ess_threshold=0.0)
             pos_tokens = batch.draw_exact(k) if self.needs_exact else None
 
         # Negatives (and SIS positives): one teacher-forced pass on the SIS particles.

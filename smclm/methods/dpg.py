@@ -23,7 +23,7 @@ from torch import Tensor
 
 from smclm.errors import ConfigError
 from smclm.methods.base import TrainContext
-from smclm.smc.sampler import ess, run_smc
+from smclm.smc.sampler import ess
 
 POSITIVES = ("sis", "exact")
 
@@ -54,17 +54,7 @@ class DPG:
                 w = torch.full((k,), 1.0 / k, device=tokens.device)
                 metrics["train/ess_frac"] = 1.0
             else:
-                sis = run_smc(
-                    model,
-                    prompt,
-                    task.output_len,
-                    task.bind(batch.cond),
-                    k,
-                    resampling=batch.resampling,
-                    ess_threshold=0.0,
-                    cond=batch.cond,
-                    generator=batch.generator,
-                )
+                sis = batch.sample(ess_threshold=0.0)
                 tokens, w = sis.tokens, torch.softmax(sis.log_w, dim=0)
                 metrics["train/ess_frac"] = ess(sis.log_w) / k
                 metrics["train/log_z_hat"] = sis.log_z_hat

@@ -26,7 +26,6 @@ from torch import Tensor
 from smclm.errors import ConfigError
 from smclm.methods.base import TrainContext
 from smclm.models.twisted_lm import TwistedLM
-from smclm.smc.sampler import run_smc
 
 POSITIVES = ("sis", "exact")
 
@@ -70,17 +69,7 @@ class RL:
             raise ConfigError("rl trains a twist, but the model has none; set twist=mlp|linear")
         prompt = task.prompt_ids
         with torch.no_grad():
-            sis = run_smc(
-                model,
-                prompt,
-                task.output_len,
-                task.bind(batch.cond),
-                k,
-                resampling=batch.resampling,
-                ess_threshold=0.0,
-                cond=batch.cond,
-                generator=batch.generator,
-            )
+            sis = batch.sample(ess_threshold=0.0)
         loss_q, values = _squared_error(model, prompt, sis.tokens, sis.log_phi, batch.cond)
         loss = loss_q
         metrics = {"train/loss_q": float(loss_q.detach())}
