@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from smclm.errors import ConfigError
 from smclm.models.twisted_lm import TwistedLM
 from smclm.smc.sampler import SMCResult, run_smc
 from smclm.tasks.base import Task
@@ -67,3 +68,19 @@ class Method(Protocol):
     needs_exact: bool
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]: ...
+
+
+def check_positives(method: str, positives: str, allowed: tuple[str, ...] | list[str]) -> str:
+    """Return ``positives`` or raise the one-line error that lists the valid values."""
+    if positives not in allowed:
+        raise ConfigError(
+            f"method.positives={positives!r} is not valid for {method}; choose one of: "
+            f"{', '.join(allowed)}"
+        )
+    return positives
+
+
+def require_twist(method: str, model: TwistedLM) -> None:
+    """Every learner trains a twist; refuse a model without one (twist=none)."""
+    if model.twist is None:
+        raise ConfigError(f"{method} trains a twist, but the model has none; set twist=mlp|linear")

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from smclm.errors import ConfigError
-from smclm.methods.base import TrainContext
+from smclm.methods.base import TrainContext, check_positives, require_twist
 from smclm.smc.sampler import ess
 
 POSITIVES = ("sis", "exact")
@@ -46,18 +45,12 @@ class CTL:
     name = "ctl"
 
     def __init__(self, positives: str = "sis") -> None:
-        if positives not in POSITIVES:
-            raise ConfigError(
-                f"method.positives={positives!r} is not valid for ctl; choose one of: "
-                f"{', '.join(POSITIVES)}"
-            )
-        self.positives = positives
+        self.positives = check_positives("ctl", positives, POSITIVES)
         self.needs_exact = positives == "exact"
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
-        if model.twist is None:
-            raise ConfigError("ctl trains a twist, but the model has none; set twist=mlp|linear")
+        require_twist("ctl", model)
         prompt = task.prompt_ids
         with torch.no_grad():
             sis = batch.sample(ess_threshold=0.0)

@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smclm.errors import ConfigError
-from smclm.methods.base import TrainContext
+from smclm.methods.base import TrainContext, check_positives, require_twist
 from smclm.smc.sampler import ess
 
 POSITIVES = ("sis", "exact")
@@ -34,18 +33,12 @@ class DPG:
     name = "dpg"
 
     def __init__(self, positives: str = "sis") -> None:
-        if positives not in POSITIVES:
-            raise ConfigError(
-                f"method.positives={positives!r} is not valid for dpg; choose one of: "
-                f"{', '.join(POSITIVES)}"
-            )
-        self.positives = positives
+        self.positives = check_positives("dpg", positives, POSITIVES)
         self.needs_exact = positives == "exact"
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
-        if model.twist is None:
-            raise ConfigError("dpg trains a twist, but the model has none; set twist=mlp|linear")
+        require_twist("dpg", model)
         prompt = task.prompt_ids
         metrics: dict[str, float] = {}
         with torch.no_grad():

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from smclm.errors import ConfigError
-from smclm.methods.base import TrainContext
+from smclm.methods.base import TrainContext, require_twist
 from smclm.smc.sampler import run_smc
 
 POSITIVES = ("p0", "sis")
@@ -65,8 +65,7 @@ class FUDGE:
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
-        if model.twist is None:
-            raise ConfigError("fudge trains a twist, but the model has none; set twist=mlp|linear")
+        require_twist("fudge", model)
         squash = getattr(getattr(model.twist, "head", None), "squash", "logsigmoid")
         if squash != "logsigmoid":
             raise ConfigError(

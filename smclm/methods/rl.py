@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from smclm.errors import ConfigError
-from smclm.methods.base import TrainContext
+from smclm.methods.base import TrainContext, check_positives, require_twist
 from smclm.models.twisted_lm import TwistedLM
 
 POSITIVES = ("sis", "exact")
@@ -55,18 +55,12 @@ class RL:
     name = "rl"
 
     def __init__(self, positives: str = "sis") -> None:
-        if positives not in POSITIVES:
-            raise ConfigError(
-                f"method.positives={positives!r} is not valid for rl; choose one of: "
-                f"{', '.join(POSITIVES)}"
-            )
-        self.positives = positives
+        self.positives = check_positives("rl", positives, POSITIVES)
         self.needs_exact = positives == "exact"
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
-        if model.twist is None:
-            raise ConfigError("rl trains a twist, but the model has none; set twist=mlp|linear")
+        require_twist("rl", model)
         prompt = task.prompt_ids
         with torch.no_grad():
             sis = batch.sample(ess_threshold=0.0)

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from smclm.errors import ConfigError
-from smclm.methods.base import TrainContext
+from smclm.methods.base import TrainContext, check_positives, require_twist
 from smclm.smc.sampler import ess, run_smc
 
 POSITIVES = ("smc", "exact")
@@ -41,18 +40,12 @@ class SIXO:
     name = "sixo"
 
     def __init__(self, positives: str = "smc") -> None:
-        if positives not in POSITIVES:
-            raise ConfigError(
-                f"method.positives={positives!r} is not valid for sixo; choose one of: "
-                f"{', '.join(POSITIVES)}"
-            )
-        self.positives = positives
+        self.positives = check_positives("sixo", positives, POSITIVES)
         self.needs_exact = positives == "exact"
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
-        if model.twist is None:
-            raise ConfigError("sixo trains a twist, but the model has none; set twist=mlp|linear")
+        require_twist("sixo", model)
         prompt, t_len = task.prompt_ids, task.output_len
         metrics: dict[str, float] = {}
         with torch.no_grad():
