@@ -87,7 +87,9 @@ def enumerate_log_probs(
     for t in range(1, output_len + 1):
         rows = log_p0.shape[0]
         step_q = dists.log_p0
-        if dists.log_psi is not None and proposal == "twist":
+        if dists.log_q is not None and proposal == "twist":
+            step_q = dists.log_q
+        elif dists.log_psi is not None and proposal == "twist":
             step_q = torch.log_softmax(dists.log_p0 + dists.log_psi, dim=-1)
         log_p0 = (log_p0[:, None] + dists.log_p0.double()).reshape(-1)
         log_q = (log_q[:, None] + step_q.double()).reshape(-1)

@@ -5,6 +5,12 @@ particles; each ``advance`` feeds one token per particle; ``reorder`` applies re
 to every cache (base and separate twist). ``forward_full`` is the one teacher-forced pass that the
 losses and the exact evaluator use: log p₀ [N, T, V] and log ψ [N, T, V] for every output step.
 
+A *policy* (PPO, GFlowNet; :mod:`smclm.models.policy`) is a proposal q learned directly rather
+than induced by the twist. It has the twist interface (``begin``/``advance``/``reorder``/``full``)
+but returns policy logits l: log q = log_softmax(log p₀ + l) when ``policy.residual`` (a logit
+modifier on p₀), else log_softmax(l). With a policy, ``StepDists.log_q`` carries the proposal and
+the twist (if any) only defines the intermediate targets of SMC (ψ ≡ 1 when there is none).
+
 All log-probabilities are returned in float32, whatever the model dtype.
 """
 
@@ -22,10 +28,12 @@ from smclm.models.cache import reorder_cache
 
 @dataclass
 class StepDists:
-    """Next-token quantities for all particles: log p₀ [N, V] and log ψ [N, V] (None: ψ ≡ 1)."""
+    """Next-token quantities for all particles: log p₀ [N, V], log ψ [N, V] (None: ψ ≡ 1) and the
+    proposal log q [N, V] when a policy defines it (None: q ∝ p₀·ψ)."""
 
     log_p0: Tensor
     log_psi: Tensor | None
+    log_q: Tensor | None = None
 
 
 @dataclass
@@ -33,18 +41,27 @@ class SamplingContext:
     cache: Any
     twist_state: Any
     n: int
+    policy_state: Any = None
 
 
 class TwistedLM(nn.Module):
     """A frozen causal LM (any ``AutoModelForCausalLM``) together with an optional twist."""
 
-    def __init__(self, base: nn.Module, twist: nn.Module | None = None) -> None:
+    def __init__(
+        self, base: nn.Module, twist: nn.Module | None = None, policy: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.base.eval()
         self.twist = twist
+        self.policy = policy
+
+    def trainables(self) -> nn.ModuleDict:
+        """The trained modules (twist and/or policy), keyed by name: what checkpoints hold."""
+        mods = {k: m for k, m in (("twist", self.twist), ("policy", self.policy)) if m is not None}
+        return nn.ModuleDict(mods)
 
     # -- pieces of the base model -------------------------------------------------------------
     @property
@@ -62,9 +79,14 @@ class TwistedLM(nn.Module):
     def _log_p0(self, h: Tensor) -> Tensor:
         return F.log_softmax(self.base.get_output_embeddings()(h).float(), dim=-1)
 
-    def with_twist(self, twist: nn.Module | None) -> TwistedLM:
-        """The same base model with another twist (no copy of the base)."""
-        return TwistedLM(self.base, twist)
+    def with_twist(self, twist: nn.Module | None, keep_policy: bool = False) -> TwistedLM:
+        """The same base model with another twist (no copy of the base); the policy is dropped
+        unless keep_policy (``with_twist(None)`` is plain p₀)."""
+        return TwistedLM(self.base, twist, self.policy if keep_policy else None)
+
+    def _policy_log_q(self, log_p0: Tensor, logits: Tensor) -> Tensor:
+        x = log_p0 + logits.float() if getattr(self.policy, "residual", True) else logits.float()
+        return F.log_softmax(x, dim=-1)
 
     # -- incremental sampling -----------------------------------------------------------------
     @torch.no_grad()
@@ -84,10 +106,14 @@ class TwistedLM(nn.Module):
         h = self.body(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
         reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=ids.device))
         log_p0 = self._log_p0(h[:, -1]).expand(n, -1)
-        twist_state, log_psi = None, None
+        twist_state, log_psi, policy_state, log_q = None, None, None, None
         if self.twist is not None:
             twist_state, log_psi = self.twist.begin(ids, h, n, cond)
-        return SamplingContext(cache, twist_state, n), StepDists(log_p0, log_psi)
+        if self.policy is not None:
+            policy_state, logits = self.policy.begin(ids, h, n, cond)
+            log_q = self._policy_log_q(log_p0, logits)
+        ctx = SamplingContext(cache, twist_state, n, policy_state)
+        return ctx, StepDists(log_p0, log_psi, log_q)
 
     @torch.no_grad()
     def advance(self, ctx: SamplingContext, tokens: Tensor) -> StepDists:
@@ -95,10 +121,13 @@ class TwistedLM(nn.Module):
         h = self.body(
             input_ids=tokens[:, None], past_key_values=ctx.cache, use_cache=True
         ).last_hidden_state
-        log_psi = None
+        log_psi, log_q = None, None
+        log_p0 = self._log_p0(h[:, -1])
         if self.twist is not None:
             log_psi = self.twist.advance(ctx.twist_state, tokens, h)
-        return StepDists(self._log_p0(h[:, -1]), log_psi)
+        if self.policy is not None:
+            log_q = self._policy_log_q(log_p0, self.policy.advance(ctx.policy_state, tokens, h))
+        return StepDists(log_p0, log_psi, log_q)
 
     @torch.no_grad()
     def reorder(self, ctx: SamplingContext, ancestors: Tensor) -> None:
@@ -106,6 +135,8 @@ class TwistedLM(nn.Module):
         reorder_cache(ctx.cache, ancestors)
         if self.twist is not None:
             self.twist.reorder(ctx.twist_state, ancestors)
+        if self.policy is not None:
+            self.policy.reorder(ctx.policy_state, ancestors)
 
     # -- teacher-forced pass --------------------------------------------------------------------
     def forward_full(
@@ -127,6 +158,22 @@ class TwistedLM(nn.Module):
             log_psi = self.twist.full(ids, h, p_len - 1, cond)
         return log_p0, log_psi
 
+    def policy_full(
+        self, prompt_ids: Tensor, tokens: Tensor, cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Teacher-forced log p₀ [N, T, V] (no grad) and the policy's log q [N, T, V] (with grad
+        through the policy), from one base pass plus the policy's own pass."""
+        if self.policy is None:
+            raise ValueError("policy_full needs a policy")
+        n = tokens.shape[0]
+        p_len = prompt_ids.numel()
+        ids = torch.cat([prompt_ids.to(tokens.device)[None].expand(n, -1), tokens[:, :-1]], dim=1)
+        with torch.no_grad():
+            h = self.body(input_ids=ids).last_hidden_state
+            log_p0 = self._log_p0(h[:, p_len - 1 :])
+        logits = self.policy.full(ids, h, p_len - 1, cond)
+        return log_p0, self._policy_log_q(log_p0, logits)
+
     def sequence_log_probs(
         self,
         prompt_ids: Tensor,
@@ -134,11 +181,16 @@ class TwistedLM(nn.Module):
         cond: Tensor | None = None,
         proposal: str = "twist",
     ) -> dict[str, Tensor]:
-        """Per-step gathers at the sampled tokens, all [N, T]: log p₀, log ψ_t and log q_t."""
+        """Per-step gathers at the sampled tokens, all [N, T]: log p₀, log ψ_t and log q_t.
+
+        With a policy, log q is the policy's (proposal="twist") and log ψ the twist's, if any."""
         log_p0, log_psi = self.forward_full(prompt_ids, tokens, cond)
         idx = tokens[..., None]
         out = {"log_p0": log_p0.gather(-1, idx).squeeze(-1)}
-        if log_psi is None or proposal == "p0":
+        if self.policy is not None and proposal != "p0":
+            _, log_q = self.policy_full(prompt_ids, tokens, cond)
+            out["log_q"] = log_q.gather(-1, idx).squeeze(-1)
+        elif log_psi is None or proposal == "p0":
             out["log_q"] = out["log_p0"]
         else:
             out["log_q"] = F.log_softmax(log_p0 + log_psi, dim=-1).gather(-1, idx).squeeze(-1)

@@ -131,14 +131,24 @@ def step(
     ess_threshold: float = 1.0,
     pinned: Tensor | None = None,
     generator: torch.Generator | None = None,
+    temperature: float = 1.0,
 ) -> SMCState:
-    """Propose s_t, weight, maybe resample, and advance the caches. Returns the new state."""
+    """Propose s_t, weight, maybe resample, and advance the caches. Returns the new state.
+
+    temperature ≠ 1 draws from q^(1/τ) (renormalised) and weights by that tempered proposal, so
+    the weights stay valid importance weights (GFlowNet exploration; never used for evaluation).
+    """
     t = state.t + 1
     n = state.log_w.shape[0]
     lp = state.next_dists.log_p0
     lpsi = state.next_dists.log_psi
-    logits = lp if (lpsi is None or proposal == "p0") else lp + lpsi
-    log_q_all = F.log_softmax(logits, dim=-1)
+    if state.next_dists.log_q is not None and proposal != "p0":
+        log_q_all = state.next_dists.log_q  # a policy's own proposal
+    else:
+        logits = lp if (lpsi is None or proposal == "p0") else lp + lpsi
+        log_q_all = F.log_softmax(logits, dim=-1)
+    if temperature != 1.0:
+        log_q_all = F.log_softmax(log_q_all / temperature, dim=-1)
     s_t = sample_categorical(log_q_all, generator)
     if pinned is not None:
         s_t[0] = pinned[t - 1]
@@ -220,6 +230,7 @@ def run_smc(
     pinned: Tensor | None = None,
     cond: Tensor | None = None,
     generator: torch.Generator | None = None,
+    temperature: float = 1.0,
 ) -> SMCResult:
     """Run T = output_len steps of twisted SMC (SIS when ess_threshold = 0).
 
@@ -244,6 +255,7 @@ def run_smc(
             ess_threshold=ess_threshold,
             pinned=pinned,
             generator=generator,
+            temperature=temperature,
         )
     log_phi_final = state.log_gamma - state.log_p0  # at t = T the "twist" is φ
     return SMCResult(
