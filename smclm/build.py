@@ -85,9 +85,14 @@ def build_world(cfg: DictConfig) -> World:
     base, tokenizer = load_base_model(str(cfg.model.name), dtype, device, toy)  # type: ignore[arg-type]
     set_threads(cfg.get("threads", "auto"), base, device)
     squash = cfg.method.get("twist_squash") or cfg.twist.squash
+    # Policy learners (PPO, GFlowNet) have no twists, except a SubTB GFlowNet whose flow head is
+    # the twist (baselines-spec B4.3/B5): its intermediate targets for SMC.
+    kind = cfg.twist.kind
+    if cfg.method.get("policy") and cfg.method.get("loss") != "subtb":
+        kind = "none"
     try:
         twist = build_twist(
-            cfg.twist.kind,
+            kind,
             base,
             head=cfg.twist.head,
             hidden_mult=int(cfg.twist.hidden_mult),
@@ -98,9 +103,42 @@ def build_world(cfg: DictConfig) -> World:
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    model = TwistedLM(base, twist)
+    policy = build_policy_from_config(cfg, base, device)
+    model = TwistedLM(base, twist, policy)
     task = build_task(cfg.task, tokenizer, model.vocab_size)
     return World(model, tokenizer, task, device)
+
+
+# method.* keys that configure the world (the policy), not the learner's constructor
+METHOD_WORLD_KEYS = ("name", "lr", "twist_squash", "policy", "policy_head", "lora", "policy_dtype")
+
+
+def build_policy_from_config(
+    cfg: DictConfig, base: torch.nn.Module, device: torch.device
+) -> torch.nn.Module | None:
+    """The proposal policy of ``method.policy`` (PPO, GFlowNet), or None for twist learners."""
+    kind = cfg.method.get("policy")
+    if not kind:
+        return None
+    from smclm.models.policy import build_policy
+
+    head = cfg.method.get("policy_head") or {}
+    lora = cfg.method.get("lora") or {}
+    try:
+        return build_policy(
+            str(kind),
+            base,
+            conditional=bool(cfg.task.get("cond_len", 0)),
+            hidden_mult=int(head.get("hidden_mult", 1)),
+            n_layers=int(head.get("n_layers", 3)),
+            lora_r=int(lora.get("r", 64)),
+            lora_alpha=float(lora.get("alpha", 16.0)),
+            lora_dropout=float(lora.get("dropout", 0.0)),
+            lora_targets=list(lora["targets"]) if lora.get("targets") else None,
+            dtype=resolve_dtype(str(cfg.method.get("policy_dtype", "float32")), device),
+        )
+    except ValueError as e:
+        raise ConfigError(f"method.policy={kind}: {e}") from e
 
 
 def exact_sample_settings(cfg: DictConfig) -> dict:

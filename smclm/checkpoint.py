@@ -1,7 +1,8 @@
 """One checkpoint format for resume and for `smclm eval`/`sample`.
 
-checkpoints/step_<N>/ holds twist.safetensors (the twist's parameters — never the frozen base
-model), state.pt (optimizer state and RNG states) and meta.json (step, resolved config). A
+checkpoints/step_<N>/ holds params.safetensors (the trained modules — twist and/or policy, keys
+``twist.*``/``policy.*`` — never the frozen base model), state.pt (optimizer state, RNG states and
+a policy method's own state) and meta.json (step, resolved config). A
 checkpoint is written into a temporary directory and renamed into place, so a run killed while
 saving never leaves a half-written checkpoint behind.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from smclm.errors import UserError
@@ -38,7 +39,7 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     twist: nn.Module | None,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer | dict | None,
     rng: dict[str, Any],
     config: dict,
     keep: int = 2,
@@ -50,12 +51,11 @@ def save_checkpoint(
     tmp = root / f".tmp_step_{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    if twist is not None:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in twist.state_dict().items()}
-        save_file(tensors, str(tmp / "twist.safetensors"))
+    if twist is not None:  # save_model handles tied weights (a full policy's LM head)
+        save_model(twist, str(tmp / "params.safetensors"))
     torch.save(
         {
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer": optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer,
             "rng": rng,
             "extra": extra or {},
         },
@@ -69,17 +69,20 @@ def save_checkpoint(
     return final
 
 
-def load_twist(ckpt: Path, twist: nn.Module | None) -> None:
-    path = Path(ckpt) / "twist.safetensors"
-    if twist is None:
+def load_params(ckpt: Path, modules: nn.Module | None) -> None:
+    """Load a checkpoint's trained parameters into ``model.trainables()``."""
+    path = Path(ckpt) / "params.safetensors"
+    if modules is None or not list(modules.parameters()):
         return
     if not path.exists():
+        raise UserError(f"{ckpt} has no params.safetensors; it was not written by smclm train")
+    device = next(modules.parameters()).device
+    missing, unexpected = load_model(modules, str(path), strict=False, device=str(device))
+    if missing or unexpected:
         raise UserError(
-            f"{ckpt} has no twist.safetensors; was the run trained with twist.kind=none?"
+            f"{ckpt} does not match this model (missing {sorted(missing)[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]}); evaluate it with the run's own config"
         )
-    state = load_file(str(path))
-    device = next(twist.parameters()).device
-    twist.load_state_dict({k: v.to(device) for k, v in state.items()})
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from smclm.build import World, build_world, exact_pool
-from smclm.checkpoint import find_checkpoint, load_twist
+from smclm.checkpoint import find_checkpoint, load_params
 from smclm.config import validate
 from smclm.evaluators.exact import ExactSolution, check_enumerable, exact_metrics, solve
 from smclm.tracking import write_json_atomic
@@ -98,7 +98,7 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float | 
                 run_cfg[key] = cfg[key]
         validate(run_cfg)
         world = build_world(run_cfg)
-        load_twist(ckpt, world.model.twist)
+        load_params(ckpt, world.model.trainables())
         out_dir = Path(cfg.run) / "eval"
         eval_cfg = run_cfg
     else:

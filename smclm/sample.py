@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from smclm.build import World, build_world, exact_pool
-from smclm.checkpoint import find_checkpoint, load_twist
+from smclm.checkpoint import find_checkpoint, load_params
 from smclm.config import validate
 from smclm.smc.sampler import run_smc
 
@@ -25,7 +25,7 @@ def world_for(cfg: DictConfig) -> tuple[World, DictConfig]:
         run_cfg[key] = cfg[key]
     validate(run_cfg)
     world = build_world(run_cfg)
-    load_twist(ckpt, world.model.twist)
+    load_params(ckpt, world.model.trainables())
     return world, run_cfg
 
 

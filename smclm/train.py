@@ -20,8 +20,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from smclm.build import build_world, exact_pool
-from smclm.checkpoint import latest_checkpoint, load_state, load_twist, save_checkpoint
+from smclm.build import METHOD_WORLD_KEYS, build_world, exact_pool
+from smclm.checkpoint import latest_checkpoint, load_params, load_state, save_checkpoint
+from smclm.compute import ComputeMeter
 from smclm.config import validate
 from smclm.errors import UserError
 from smclm.evaluate import Evaluator
@@ -77,26 +78,61 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     model, task = world.model, world.task
     method = build_method(
         cfg.method.name,
-        **{k: v for k, v in cfg.method.items() if k not in ("name", "lr", "twist_squash")},
+        **{k: v for k, v in cfg.method.items() if k not in METHOD_WORLD_KEYS},
     )
     evaluator = Evaluator(cfg, world, None)  # checks enumerability before any sampling
-    pool = exact_pool(cfg, world) if method.needs_exact or evaluator.needs_pool else None
+    conditional = task.cond_len > 0
+    pool = None
+    if method.needs_exact or evaluator.needs_pool or conditional:
+        pool = exact_pool(cfg, world)
     evaluator.pool = pool
-    if model.twist is None or not any(p.requires_grad for p in model.twist.parameters()):
-        raise UserError("smclm train needs a trainable twist; set twist=mlp, linear or separate")
-    params = [p for p in model.twist.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=float(cfg.optimizer.lr), betas=(0.9, 0.999), eps=1e-8)
+    trainables = model.trainables()
+    if not any(p.requires_grad for p in trainables.parameters()):
+        raise UserError(
+            "smclm train needs something to train: a twist (twist=mlp, linear or separate) "
+            "or a policy (method=ppo|gfn)"
+        )
     gen = torch.Generator(device=world.device).manual_seed(int(cfg.seed))
+    lr = float(cfg.optimizer.lr)
+    k = int(cfg.smc.n_particles)
+    group = int(cfg.train.get("particles_per_cond", 1)) if conditional else None
+    batch = TrainContext(
+        model,
+        task,
+        k,
+        gen,
+        cfg.smc.resampling,
+        None if conditional else pool,
+        group_size=group,
+    )
+    meter = ComputeMeter()
+    owns_update = hasattr(method, "update")
+    if owns_update:
+        method.setup(batch, lr)
+        optimizer = None
+    else:
+        params = [p for p in trainables.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
     step = 0
     if ckpt is not None:
         state = load_state(ckpt)
-        load_twist(ckpt, model.twist)
-        optimizer.load_state_dict(state["optimizer"])
+        load_params(ckpt, trainables)
+        if owns_update:
+            method.load_state_dict(state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(gen, state["rng"])
+        meter.load_state_dict(state["extra"].get("compute", {}))
         step = int(state["step"])
+    meter.watch("base", model.base.base_model)
+    meter.watch("twist", model.twist)
+    meter.watch("policy", model.policy)
+    for name, mod in (method.extra_modules() if owns_update else {}).items():
+        meter.watch(name, mod)
+    meter.watch_task(task)
+    batch.meter = meter
     tracker = Tracker(run_dir, cfg.logger, cfg, resume_step=step if ckpt is not None else None)
-    batch = TrainContext(model, task, int(cfg.smc.n_particles), gen, cfg.smc.resampling, pool)
     updates = int(cfg.train.updates)
     schedule = eval_steps(updates, cfg.train.schedule, int(cfg.train.eval_every))
 
@@ -104,11 +140,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         return save_checkpoint(
             run_dir,
             step,
-            model.twist,
-            optimizer,
+            trainables,
+            method.state_dict() if owns_update else optimizer,
             _rng_state(gen),
             resolved,
             keep=int(cfg.train.checkpoint_keep),
+            extra={"compute": meter.state_dict()},
         )
 
     stop: list[int] = []
@@ -132,12 +169,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             checkpoint()
         while step < updates:
             t0 = time.perf_counter()
-            loss, metrics = method.loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            meter.begin()
+            if conditional:
+                _draw_conditioning(batch, cfg, world)
+            if owns_update:
+                metrics = method.update(batch)
+            else:
+                loss, metrics = method.loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
             step += 1
-            last_train = {**metrics, "time/update_s": time.perf_counter() - t0}
+            last_train = {**metrics, **meter.end(), "time/update_s": time.perf_counter() - t0}
             tracker.log(step, last_train)
             if step in schedule:
                 last_eval = _evaluate(evaluator, tracker, step)
@@ -157,10 +200,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         for s, h in handlers.items():
             signal.signal(s, h)
         tracker.close()
+        meter.close()
 
     summary = {
         **last_train,
         **last_eval,
+        **meter.totals(),
         "run/task": task.name,
         "run/method": cfg.method.name,
         "run/seed": int(cfg.seed),
@@ -169,6 +214,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     }
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def _draw_conditioning(batch: TrainContext, cfg: DictConfig, world: Any) -> None:
+    """Conditional tasks: fresh (s, o) pairs from p₀ for this update (joint sampling), each o
+    shared by ``group_size`` consecutive rows; ``exact_pool`` holds the exact s of each row."""
+    group = batch.group_size or 1
+    with torch.no_grad():
+        s, o = world.task.sample_joint(world.model, batch.n_particles // group, batch.generator)
+    batch.cond = o.repeat_interleave(group, dim=0)
+    batch.exact_pool = s.repeat_interleave(group, dim=0)
 
 
 def _evaluate(evaluator: Evaluator, tracker: Tracker, step: int) -> dict[str, Any]:

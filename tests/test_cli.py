@@ -112,7 +112,7 @@ def test_train_each_method_writes_a_complete_run_dir(tmp_path, method):
     assert proc.returncode == 0, proc.stderr
     for name in ("config.yaml", "metrics.jsonl", "summary.json"):
         assert (run / name).is_file()
-    assert (run / "checkpoints" / "step_2" / "twist.safetensors").is_file()
+    assert (run / "checkpoints" / "step_2" / "params.safetensors").is_file()
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "kl/sigma_q_exact" in r] == [0, 1, 2]
     summary = json.loads((run / "summary.json").read_text())

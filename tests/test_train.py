@@ -40,8 +40,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, method):
     train(make_cfg(*common, "train.updates=4"), tmp_path / "whole")
     train(make_cfg(*common, "train.updates=2"), tmp_path / "split")
     train(make_cfg(*common, "train.updates=4", "resume=true"), tmp_path / "split")
-    a = load_file(str(tmp_path / "whole/checkpoints/step_4/twist.safetensors"))
-    b = load_file(str(tmp_path / "split/checkpoints/step_4/twist.safetensors"))
+    a = load_file(str(tmp_path / "whole/checkpoints/step_4/params.safetensors"))
+    b = load_file(str(tmp_path / "split/checkpoints/step_4/params.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -1,21 +1,29 @@
 """What every learner gets and returns.
 
-A method is an object with ``loss(batch: TrainContext) -> (loss, metrics)``. It draws the
+A twist learner is an object with ``loss(batch: TrainContext) -> (loss, metrics)``. It draws the
 samples it needs itself (SIS/SMC from the twisted proposal, p₀ samples, exact target samples from
 ``batch.exact_pool``) under ``torch.no_grad()``, then makes one teacher-forced pass
 (``model.forward_full``) with gradients through the twist only. The trainer calls ``loss``,
 steps the optimiser, and never branches on the method's name.
 
 Conventions (paper-spec §4): w̄ = softmax(stop_grad(log w)); sums over t are means over t.
+
+Conditional tasks (infilling): ``cond`` holds one o per row, in groups of ``group_size``
+consecutive rows sharing an o; ``exact_pool`` then holds the exact s paired with each row's o
+(joint sampling), and self-normalised weights are normalised within each group
+(:meth:`TrainContext.normalize`), then averaged over the groups.
+
+A method that trains a *policy* (PPO, GFlowNet) owns its update instead (:class:`PolicyMethod`):
+the trainer calls ``setup`` once, then ``update(batch) -> metrics`` per update.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from smclm.errors import ConfigError
 from smclm.models.twisted_lm import TwistedLM
@@ -30,29 +38,74 @@ class TrainContext:
     n_particles: int  # the batch: K particles / samples per update (paper's n_twist)
     generator: torch.Generator
     resampling: str = "multinomial"
-    exact_pool: Tensor | None = None  # [M, T] exact σ samples, when available
+    exact_pool: Tensor | None = None  # [M, T] exact σ samples (conditional: [K, T], row-paired)
     cond: Tensor | None = None  # [K, c] conditioning tokens for this update (infilling)
+    group_size: int | None = None  # rows per o (conditional tasks); None: one group
+    meter: Any = None  # a smclm.compute.ComputeMeter, when the trainer counts compute
 
-    def sample(self, ess_threshold: float, p0: bool = False) -> SMCResult:
-        """K particles for this update: SIS (ess_threshold=0) or SMC (1.0) from the twisted
-        proposal, or plain p₀ samples (p0=True). Call under torch.no_grad()."""
+    @property
+    def n_groups(self) -> int:
+        return 1 if self.group_size is None else self.n_particles // self.group_size
+
+    def normalize(self, log_w: Tensor) -> Tensor:
+        """Self-normalised weights w̄ over the rows of log_w [K, ...]: softmax within each group
+        of rows sharing an o, divided by the number of groups (they sum to 1 over the rows and
+        average over the o's)."""
+        g = self.n_groups
+        if g == 1:
+            return torch.softmax(log_w, dim=0)
+        grouped = log_w.reshape(g, -1, *log_w.shape[1:])
+        return (torch.softmax(grouped, dim=1) / g).reshape(log_w.shape)
+
+    def sample(
+        self,
+        ess_threshold: float,
+        p0: bool = False,
+        n: int | None = None,
+        temperature: float = 1.0,
+        cond: Tensor | None = None,
+        potential: bool = True,
+    ) -> SMCResult:
+        """K (or n) particles for this update: SIS (ess_threshold=0) or SMC (1.0) from the
+        proposal (the policy's, else the twisted one), or plain p₀ samples (p0=True). With
+        conditioning and resampling, each group of rows sharing an o is its own SMC run.
+        potential=False skips log φ (result.log_phi is 0: for p₀ negatives that need no weight).
+        Call under torch.no_grad()."""
         model = self.model.with_twist(None) if p0 else self.model
-        return run_smc(
-            model,
-            self.task.prompt_ids,
-            self.task.output_len,
-            self.task.bind(self.cond),
-            self.n_particles,
-            resampling=self.resampling,
-            ess_threshold=ess_threshold,
-            cond=self.cond,
-            generator=self.generator,
-        )
+        n = self.n_particles if n is None else n
+        cond = self.cond if cond is None else cond
+        if self.meter is not None:
+            self.meter.sampled(n * self.task.output_len)
+        groups = 1 if cond is None or ess_threshold <= 0 else self.n_groups
+        runs = []
+        for rows in torch.arange(n).chunk(groups):
+            c = None if cond is None else cond[rows.to(cond.device)]
+            runs.append(
+                run_smc(
+                    model,
+                    self.task.prompt_ids,
+                    self.task.output_len,
+                    self.task.bind(c) if potential else _no_potential,
+                    rows.numel(),
+                    resampling=self.resampling,
+                    ess_threshold=ess_threshold,
+                    cond=c,
+                    generator=self.generator,
+                    temperature=temperature,
+                )
+            )
+        return runs[0] if len(runs) == 1 else _concat_runs(runs)
 
     def draw_exact(self, k: int) -> Tensor:
-        """k exact target samples drawn uniformly (with replacement) from the pool: [k, T]."""
+        """k exact target samples drawn uniformly (with replacement) from the pool: [k, T].
+
+        Conditional tasks: the exact s paired with each row's o (k must equal K)."""
         if self.exact_pool is None:
             raise ValueError("this method needs exact target samples but no pool was given")
+        if self.cond is not None:
+            if k != self.exact_pool.shape[0]:
+                raise ValueError(f"conditional tasks pair one exact sample per row; asked for {k}")
+            return self.exact_pool.to(self.model.device)
         idx = torch.randint(
             0,
             self.exact_pool.shape[0],
@@ -63,11 +116,50 @@ class TrainContext:
         return self.exact_pool[idx.to(self.exact_pool.device)].to(self.model.device)
 
 
+def _no_potential(tokens: Tensor) -> Tensor:
+    return torch.zeros(tokens.shape[0], device=tokens.device)
+
+
+def _concat_runs(runs: list[SMCResult]) -> SMCResult:
+    """One SMCResult from per-group runs (rows in order; log Ẑ averaged over the groups)."""
+    cat = lambda name: torch.cat([getattr(r, name) for r in runs])  # noqa: E731
+    return SMCResult(
+        cat("tokens"),
+        cat("log_w"),
+        sum(r.log_z_hat for r in runs) / len(runs),
+        cat("log_phi"),
+        cat("log_p0"),
+        cat("log_q"),
+        runs[0].infos,
+    )
+
+
 class Method(Protocol):
     name: str
     needs_exact: bool
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]: ...
+
+
+class PolicyMethod(Protocol):
+    """A learner that trains ``model.policy`` and owns its optimiser and update (PPO, GFlowNet)."""
+
+    name: str
+    needs_exact: bool
+
+    def setup(self, batch: TrainContext, lr: float) -> None:
+        """Build optimisers and the method's own modules (value head, log Z, flow head)."""
+
+    def update(self, batch: TrainContext) -> dict[str, float]:
+        """One update (sampling, losses, optimiser steps); returns its metrics."""
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """The method's own networks, for compute accounting (e.g. {"value": head})."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs besides model.policy (optimisers, log Z, buffers)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def check_positives(method: str, positives: str, allowed: tuple[str, ...] | list[str]) -> str:

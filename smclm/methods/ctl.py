@@ -64,11 +64,11 @@ class CTL:
             log_p0 = log_p0_all.gather(-1, idx).squeeze(-1)
             log_q = F.log_softmax(log_p0_all + log_psi_all, dim=-1).gather(-1, idx).squeeze(-1)
             log_w_neg = log_p0.cumsum(1) + log_psi - log_q.cumsum(1)  # [K, T]: π_t / q
-            w_neg = torch.softmax(log_w_neg, dim=0)
+            w_neg = batch.normalize(log_w_neg)
         neg = _weighted_sum(w_neg, log_psi)  # [T]
 
         if pos_tokens is None:
-            w_pos = torch.softmax(sis.log_w, dim=0)  # log p₀ + log φ − log q at T
+            w_pos = batch.normalize(sis.log_w)  # log p₀ + log φ − log q at T
             pos = _weighted_sum(w_pos[:, None], log_psi)
             pos_ess = ess(sis.log_w) / k
         else:

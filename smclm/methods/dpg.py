@@ -48,7 +48,7 @@ class DPG:
                 metrics["train/ess_frac"] = 1.0
             else:
                 sis = batch.sample(ess_threshold=0.0)
-                tokens, w = sis.tokens, torch.softmax(sis.log_w, dim=0)
+                tokens, w = sis.tokens, batch.normalize(sis.log_w)
                 metrics["train/ess_frac"] = ess(sis.log_w) / k
                 metrics["train/log_z_hat"] = sis.log_z_hat
 

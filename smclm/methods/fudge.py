@@ -31,7 +31,6 @@ from torch import Tensor
 
 from smclm.errors import ConfigError
 from smclm.methods.base import TrainContext, require_twist
-from smclm.smc.sampler import run_smc
 
 POSITIVES = ("p0", "sis")
 _X_MAX = -1e-6
@@ -64,7 +63,7 @@ class FUDGE:
         self.needs_exact = False
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
-        model, task, k = batch.model, batch.task, batch.n_particles
+        model, task = batch.model, batch.task
         require_twist("fudge", model)
         squash = getattr(getattr(model.twist, "head", None), "squash", "logsigmoid")
         if squash != "logsigmoid":
@@ -74,15 +73,7 @@ class FUDGE:
             )
         prompt = task.prompt_ids
         with torch.no_grad():
-            tokens = run_smc(
-                model.with_twist(None),
-                prompt,
-                task.output_len,
-                _no_potential,
-                k,
-                ess_threshold=0.0,
-                generator=batch.generator,
-            ).tokens
+            tokens = batch.sample(ess_threshold=0.0, p0=True, potential=False).tokens
             log_phi = task.log_phi(tokens, batch.cond)
             labels = log_phi.exp().clamp(0.0, 1.0)[:, None]  # [K, 1], the same for every t
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from smclm.methods.base import TrainContext, check_positives, require_twist
-from smclm.smc.sampler import ess, run_smc
+from smclm.smc.sampler import ess
 
 POSITIVES = ("smc", "exact")
 
@@ -46,7 +46,7 @@ class SIXO:
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
         require_twist("sixo", model)
-        prompt, t_len = task.prompt_ids, task.output_len
+        prompt = task.prompt_ids
         metrics: dict[str, float] = {}
         with torch.no_grad():
             if self.needs_exact:
@@ -54,29 +54,11 @@ class SIXO:
                 w_pos = torch.full((k,), 1.0 / k, device=pos_tokens.device)
                 metrics["train/ess_frac"] = 1.0
             else:
-                smc = run_smc(
-                    model,
-                    prompt,
-                    t_len,
-                    task.bind(batch.cond),
-                    k,
-                    resampling=batch.resampling,
-                    ess_threshold=1.0,
-                    cond=batch.cond,
-                    generator=batch.generator,
-                )
-                pos_tokens, w_pos = smc.tokens, torch.softmax(smc.log_w, dim=0)
+                smc = batch.sample(ess_threshold=1.0)
+                pos_tokens, w_pos = smc.tokens, batch.normalize(smc.log_w)
                 metrics["train/ess_frac"] = ess(smc.log_w) / k
                 metrics["train/log_z_hat"] = smc.log_z_hat
-            neg_tokens = run_smc(
-                model.with_twist(None),
-                prompt,
-                t_len,
-                _no_potential,
-                k,
-                ess_threshold=0.0,
-                generator=batch.generator,
-            ).tokens
+            neg_tokens = batch.sample(ess_threshold=0.0, p0=True, potential=False).tokens
 
         _, log_psi_pos_all = model.forward_full(prompt, pos_tokens, batch.cond)
         log_psi_pos = log_psi_pos_all.gather(-1, pos_tokens.unsqueeze(-1)).squeeze(-1)  # [K, T]

@@ -1,0 +1,135 @@
+"""Compute accounting for every learner (``compute/*`` metrics), without touching the methods.
+
+A :class:`ComputeMeter` puts forward pre-hooks on the networks of a run — the frozen base body,
+the twist, the policy, and any extra module a method registers (a PPO value head, a GFlowNet
+flow head) — and wraps the task's potential. Per update it counts:
+
+* ``compute/sampled_tokens``          tokens drawn by the sampler (N·T per sampling run),
+* ``compute/{net}_forward_calls``     forward calls of each network,
+* ``compute/{net}_forward_tokens``    token positions processed by those calls,
+* ``compute/{net}_backward_tokens``   token positions of forwards made with gradients enabled
+                                      through trainable parameters (what backward passes cost),
+* ``compute/potential_sequences``     sequences scored by the potential (classifier calls).
+
+The update's wall time is ``time/update_s`` (logged by the trainer). ``totals()`` gives the
+running sums (``compute/total_*``, and ``time/total_update_s``) that go into ``summary.json``, so
+methods can be compared at equal compute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from smclm.tasks.base import Task
+
+
+def _positions(args: tuple, kwargs: dict) -> int:
+    """Token positions in a forward call: input_ids [N, L] for bodies, hidden [..., d] for heads."""
+    ids = kwargs.get("input_ids")
+    if ids is None and args:
+        ids = args[0]
+    if not isinstance(ids, torch.Tensor):
+        return 0
+    if ids.dtype in (torch.long, torch.int, torch.int32):
+        return int(ids.numel())
+    return int(ids[..., 0].numel())
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _body(module: nn.Module) -> nn.Module:
+    """The module whose forward sees a whole pass: a body copy if the network has one."""
+    body = getattr(module, "body", None)
+    if isinstance(body, nn.Module):
+        return body
+    lm = getattr(module, "lm", None)  # a full policy runs its LM's body
+    if isinstance(lm, nn.Module):
+        return lm.base_model
+    return module
+
+
+class ComputeMeter:
+    def __init__(self) -> None:
+        self.step: dict[str, float] = defaultdict(float)
+        self.total: dict[str, float] = defaultdict(float)
+        self._handles: list[Any] = []
+        self._t0 = time.perf_counter()
+        self.total_s = 0.0
+
+    # -- registration --------------------------------------------------------------------------
+    def watch(self, name: str, module: nn.Module | None) -> None:
+        """Count forwards of ``module`` (and its head, if it has a separate one) as ``name``."""
+        if module is None:
+            return
+        mods = [_body(module)]
+        head = getattr(module, "head", None)
+        if isinstance(head, nn.Module) and mods[0] is not module:
+            mods.append(head)  # a separate body plus a head: count the body's passes only once
+        elif isinstance(head, nn.Module):
+            mods = [head]  # a head on the frozen base: its positions are the base's positions
+        root = mods[0]
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            n = _positions(args, kwargs)
+            self.step[f"{name}_forward_calls"] += 1
+            self.step[f"{name}_forward_tokens"] += n
+            if torch.is_grad_enabled() and _trainable(mod):
+                self.step[f"{name}_backward_tokens"] += n
+
+        self._handles.append(root.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def watch_task(self, task: Task) -> None:
+        """Wrap task.potential so every scored sequence is counted."""
+        inner = task.potential
+        if getattr(inner, "_smclm_metered", False):
+            return
+
+        def counted(tokens: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+            self.step["potential_sequences"] += int(tokens.shape[0])
+            return inner(tokens, cond)
+
+        counted._smclm_metered = True  # type: ignore[attr-defined]
+        counted.inner = inner  # type: ignore[attr-defined]
+        task.potential = counted
+
+    def sampled(self, n_tokens: int) -> None:
+        self.step["sampled_tokens"] += n_tokens
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- per update ------------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Start an update: counts from evaluation or set-up in between are dropped."""
+        self.step.clear()
+        self._t0 = time.perf_counter()
+
+    def end(self) -> dict[str, float]:
+        """The update's ``compute/*`` metrics; adds them to the running totals."""
+        out = {f"compute/{k}": float(v) for k, v in sorted(self.step.items())}
+        for k, v in self.step.items():
+            self.total[k] += v
+        self.total_s += time.perf_counter() - self._t0
+        self.step.clear()
+        return out
+
+    def totals(self) -> dict[str, float]:
+        out = {f"compute/total_{k}": float(v) for k, v in sorted(self.total.items())}
+        return {**out, "time/total_update_s": self.total_s}
+
+    def state_dict(self) -> dict[str, float]:
+        return {**self.total, "_total_s": self.total_s}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        state = dict(state)
+        self.total_s = float(state.pop("_total_s", 0.0))
+        self.total = defaultdict(float, state)
