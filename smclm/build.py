@@ -54,16 +54,21 @@ def encode_prompt(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def build_task(task_cfg: DictConfig, tokenizer: Any, vocab_size: int) -> Task:
+def build_task(
+    task_cfg: DictConfig, tokenizer: Any, base: torch.nn.Module, device: torch.device
+) -> Task:
+    """The task of ``task_cfg``: toy, toxicity, sentiment or infilling."""
     name = task_cfg.name
-    if name == "toy":
-        from smclm.tasks.toy import build_toy_task
+    prompt = encode_prompt(tokenizer, task_cfg.prompt)
+    t_len = int(task_cfg.output_len)
+    vocab_size = int(base.get_output_embeddings().weight.shape[0])
+    try:
+        if name == "toy":
+            from smclm.tasks.toy import build_toy_task
 
-        prompt = encode_prompt(tokenizer, task_cfg.prompt)
-        try:
             return build_toy_task(
                 prompt,
-                int(task_cfg.output_len),
+                t_len,
                 task_cfg.potential,
                 list(task_cfg.target_ids),
                 vocab_size,
@@ -71,9 +76,44 @@ def build_task(task_cfg: DictConfig, tokenizer: Any, vocab_size: int) -> Task:
                 epsilon=float(task_cfg.epsilon),
                 beta=float(task_cfg.beta),
             )
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-    raise ConfigError(f"unknown task '{name}'")
+        if name in ("toxicity", "sentiment"):
+            from smclm.tasks.classifier import TextClassifier, load_classifier
+
+            dtype = resolve_dtype(str(task_cfg.get("classifier_dtype", "auto")), device)
+            clf_model, clf_tok = load_classifier(str(task_cfg.classifier), device, dtype)
+            clf = TextClassifier(
+                clf_model,
+                clf_tok,
+                tokenizer,
+                prompt,
+                batch_size=int(task_cfg.get("classifier_batch_size", 128)),
+            )
+            beta = float(task_cfg.beta)
+            if name == "toxicity":
+                from smclm.tasks.toxicity import ToxicityPotential
+
+                pot = ToxicityPotential(
+                    clf,
+                    str(task_cfg.potential),
+                    threshold=float(task_cfg.threshold),
+                    beta=beta,
+                    epsilon=float(task_cfg.epsilon),
+                )
+            else:
+                from smclm.tasks.sentiment import SentimentPotential
+
+                pot = SentimentPotential(clf, task_cfg.target_class, beta)
+            return Task(name, prompt, t_len, pot, log_phi_max=pot.log_max(), beta=beta)
+        if name == "infilling":
+            from smclm.tasks.infilling import InfillingPotential
+
+            c = int(task_cfg.cond_len)
+            if c < 1:
+                raise ValueError(f"task.cond_len={c} must be at least 1 for infilling")
+            return Task(name, prompt, t_len, InfillingPotential(base, prompt), None, cond_len=c)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    raise ConfigError(f"unknown task '{name}'; choose one of: toy, toxicity, sentiment, infilling")
 
 
 def build_world(cfg: DictConfig) -> World:
@@ -105,12 +145,21 @@ def build_world(cfg: DictConfig) -> World:
         raise ConfigError(str(e)) from e
     policy = build_policy_from_config(cfg, base, device)
     model = TwistedLM(base, twist, policy)
-    task = build_task(cfg.task, tokenizer, model.vocab_size)
+    task = build_task(cfg.task, tokenizer, base, device)
     return World(model, tokenizer, task, device)
 
 
 # method.* keys that configure the world (the policy), not the learner's constructor
-METHOD_WORLD_KEYS = ("name", "lr", "twist_squash", "policy", "policy_head", "lora", "policy_dtype")
+METHOD_WORLD_KEYS = (
+    "name",
+    "lr",
+    "twist_squash",
+    "policy",
+    "policy_head",
+    "lora",
+    "policy_dtype",
+    "particles_per_cond",  # conditional tasks: rows per o in an update (paper CTL: 25 o × 4)
+)
 
 
 def build_policy_from_config(
@@ -154,14 +203,15 @@ def exact_sample_settings(cfg: DictConfig) -> dict:
 
 
 def exact_pool(cfg: DictConfig, world: World) -> torch.Tensor:
-    """The exact target sample pool for this model and task, from the cache or collected now.
+    """The exact target sample pool for this model and task, from the cache or collected now:
+    [M, T], or [M, T + c] (s, o) pairs for a conditional task (see ``split_pool``).
 
     Call it only when something needs exact samples; raises a UserError with the fix when
     there can be no pool.
     """
     src = cfg.exact_samples.source
     task = world.task
-    if src == "none" or task.log_phi_max is None:
+    if src == "none" or (task.log_phi_max is None and not task.cond_len):
         why = (
             "exact_samples.source=none"
             if src == "none"
@@ -182,6 +232,9 @@ def exact_pool(cfg: DictConfig, world: World) -> torch.Tensor:
                 "no cached exact samples for these settings; run `smclm collect` with "
                 "the same task/model/seed, or set exact_samples.source=auto"
             )
+        if task.cond_len:  # joint sampling: rows are [s_1:T, o_1:c], exact for their own o
+            s, o = task.sample_joint(world.model, int(cfg.exact_samples.n), gen)
+            return torch.cat([s, o], dim=1)
         return rejection_sample(
             world.model,
             task,
@@ -194,3 +247,11 @@ def exact_pool(cfg: DictConfig, world: World) -> torch.Tensor:
 
     samples, _ = load_or_collect(cfg.exact_samples.cache_dir, settings, collect)
     return samples.to(world.device)
+
+
+def split_pool(task: Task, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(s [M, T], o [M, c] or None) from an exact pool."""
+    t_len = task.output_len
+    if not task.cond_len:
+        return pool, None
+    return pool[:, :t_len], pool[:, t_len : t_len + task.cond_len]

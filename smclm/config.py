@@ -41,6 +41,29 @@ def check_group_overrides(overrides: list[str]) -> None:
                 )
 
 
+def apply_per_method(cfg: DictConfig) -> None:
+    """Merge ``per_method.<method.name>`` (an experiment's per-learner settings, e.g. the
+    paper's learning rate of each method) into ``method``. Command-line ``method.*`` overrides
+    still win: they are applied again on top."""
+    per = cfg.get("per_method")
+    if not per or cfg.method.name not in per:
+        return
+    from hydra.core.hydra_config import HydraConfig
+
+    explicit: list[str] = []
+    if HydraConfig.initialized():
+        for arg in HydraConfig.get().overrides.task:
+            key = arg.partition("=")[0].lstrip("+~")
+            if key.startswith("method."):
+                explicit.append(key.removeprefix("method."))
+    original = cfg.method
+    merged = OmegaConf.merge(OmegaConf.to_container(original), per[cfg.method.name])
+    for key in explicit:
+        OmegaConf.update(merged, key, OmegaConf.select(original, key), force_add=True)
+    OmegaConf.set_struct(cfg, False)
+    cfg.method = merged
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -100,6 +123,13 @@ def validate(cfg: DictConfig) -> None:
         _require(
             src in ("auto", "cache", "none"),
             f"exact_samples.source={src} must be auto, cache or none",
+        )
+    ppc = cfg.method.get("particles_per_cond")
+    if cfg.task.get("cond_len") and ppc is not None:
+        _require(
+            isinstance(ppc, int) and ppc > 0 and n % ppc == 0,
+            f"method.particles_per_cond={ppc} must divide smc.n_particles={n} (the update's rows "
+            "are groups of particles sharing an o); change one of them",
         )
     _require(
         cfg.twist.kind in ("none", "head", "separate"),

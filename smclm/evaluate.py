@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from smclm.build import World, build_world, exact_pool
+from smclm.build import World, build_world, exact_pool, split_pool
 from smclm.checkpoint import find_checkpoint, load_params
 from smclm.config import validate
 from smclm.evaluators.exact import ExactSolution, check_enumerable, exact_metrics, solve
@@ -20,12 +20,17 @@ from smclm.tracking import write_json_atomic
 
 
 class Evaluator:
-    """Evaluates the world's current twist; caches the enumeration (it depends on p₀ only)."""
+    """Evaluates the world's current proposal; caches the enumeration (it depends on p₀ only).
+
+    Conditional tasks (infilling) are evaluated per o: the first ``evaluator.n_exact`` (s, o)
+    pairs of the exact pool give the o's; exact metrics are enumerated for each o and averaged
+    (log Z → E_o log Z(o)), and every bound run for σ^i uses its own o^i.
+    """
 
     def __init__(self, cfg: DictConfig, world: World, pool: torch.Tensor | None) -> None:
         self.cfg, self.world, self.pool = cfg, world, pool
         self.name = cfg.evaluator.name
-        self._solution: ExactSolution | None = None
+        self._solutions: dict[int, ExactSolution] = {}
         self.exact_available = self._enumerable()
         if self.name == "exact" and not self.exact_available:
             check_enumerable(
@@ -40,12 +45,28 @@ class Evaluator:
         return t * math.log10(v) <= math.log10(limit) and self.cfg.evaluator.get("exact", True)
 
     @property
-    def solution(self) -> ExactSolution:
-        if self._solution is None:
-            self._solution = solve(
-                self.world.model, self.world.task, limit=int(self.cfg.evaluator.max_sequences)
+    def conditional(self) -> bool:
+        return self.world.task.cond_len > 0
+
+    def _conds(self) -> list[torch.Tensor | None]:
+        """The o's to evaluate at ([1, c] each), or [None] for an unconditional task."""
+        if not self.conditional:
+            return [None]
+        if self.pool is None:
+            raise RuntimeError("a conditional task needs its (s, o) pool to be evaluated")
+        _, o = split_pool(self.world.task, self.pool)
+        n = min(int(self.cfg.evaluator.get("n_exact", 4)), o.shape[0])
+        return [o[i : i + 1] for i in range(n)]
+
+    def solution(self, i: int = 0, cond: torch.Tensor | None = None) -> ExactSolution:
+        if i not in self._solutions:
+            self._solutions[i] = solve(
+                self.world.model,
+                self.world.task,
+                cond=cond,
+                limit=int(self.cfg.evaluator.max_sequences),
             )
-        return self._solution
+        return self._solutions[i]
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict[str, float | str]:
@@ -53,9 +74,15 @@ class Evaluator:
             return {}
         out: dict[str, float | str] = {}
         log_z_exact = None
+        model, task = self.world.model, self.world.task
         if self.exact_available:
-            out.update(exact_metrics(self.world.model, self.world.task, self.solution))
-            log_z_exact = self.solution.log_z
+            per_o = [
+                exact_metrics(model, task, self.solution(i, c), cond=c)
+                for i, c in enumerate(self._conds())
+            ]
+            for key in per_o[0]:
+                out[key] = sum(m[key] for m in per_o) / len(per_o)
+            log_z_exact = float(out["log_z/exact"])
         if self.name == "bounds":
             from smclm.evaluators.bounds import evaluate_bounds
 
@@ -65,11 +92,12 @@ class Evaluator:
             )
             if self.pool is None:
                 raise RuntimeError("evaluator=bounds needs exact target samples")
+            samples, cond = split_pool(task, self.pool)
             out.update(
                 evaluate_bounds(
-                    self.world.model,
-                    self.world.task,
-                    self.pool,
+                    model,
+                    task,
+                    samples,
                     particles=list(ev.particles),
                     n_exact=int(ev.n_exact),
                     generator=gen,
@@ -77,14 +105,17 @@ class Evaluator:
                     proposals=tuple(ev.proposals),
                     log_z_exact=log_z_exact,
                     n_g_q=ev.get("n_g_q"),
+                    cond=cond,
                     progress=False,
+                    # a policy without twists: SIS bounds only (SMC would target p₀'s marginals)
+                    smc=model.policy is None or model.twist is not None,
                 )
             )
         return out
 
     @property
     def needs_pool(self) -> bool:
-        return self.name == "bounds"
+        return self.name == "bounds" or (self.name == "exact" and self.conditional)
 
 
 def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float | str]:

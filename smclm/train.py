@@ -23,7 +23,7 @@ from tqdm import tqdm
 from smclm.build import METHOD_WORLD_KEYS, build_world, exact_pool
 from smclm.checkpoint import latest_checkpoint, load_params, load_state, save_checkpoint
 from smclm.compute import ComputeMeter
-from smclm.config import validate
+from smclm.config import apply_per_method, validate
 from smclm.errors import UserError
 from smclm.evaluate import Evaluator
 from smclm.methods import build_method
@@ -62,6 +62,7 @@ def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train twists as configured; write config.yaml, metrics.jsonl, summary.json, checkpoints/."""
+    apply_per_method(cfg)
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     gen = torch.Generator(device=world.device).manual_seed(int(cfg.seed))
     lr = float(cfg.optimizer.lr)
     k = int(cfg.smc.n_particles)
-    group = int(cfg.train.get("particles_per_cond", 1)) if conditional else None
+    group = int(cfg.method.get("particles_per_cond", 1)) if conditional else None
     batch = TrainContext(
         model,
         task,

@@ -65,3 +65,64 @@ def tiny_lm_dirs(tmp_path_factory):
     """{'gpt_neo': dir, 'gpt2': dir}: tiny real-architecture LMs loadable by from_pretrained."""
     root = tmp_path_factory.mktemp("tiny_lms")
     return {arch: save_tiny_lm(root / arch, arch) for arch in ("gpt_neo", "gpt2")}
+
+
+# Words the tiny classifiers know, in an order unrelated to the toy LM's ids (a real tokenizer
+# mismatch: the LM's ids mean nothing to the classifier; text is the only interface).
+CLASSIFIER_WORDS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "bad", "sun", "the", "dog", "cat", "mat",
+                    "a", "on", "sat", "ran", "and", "big", "end", "red")  # fmt: skip
+
+
+def build_classifier_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(CLASSIFIER_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", model_max_length=512
+    )
+
+
+def save_tiny_classifier(path, arch: str, num_labels: int, seed: int = 0):
+    """A tiny randomly initialised RoBERTa or BERT sequence classifier with its own tokenizer."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    tok = build_classifier_tokenizer()
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=len(CLASSIFIER_WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
+    if arch == "roberta":
+        model = RobertaForSequenceClassification(
+            RobertaConfig(max_position_embeddings=66, **common)
+        )
+    elif arch == "bert":
+        model = BertForSequenceClassification(BertConfig(max_position_embeddings=64, **common))
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dirs(tmp_path_factory):
+    """{'toxicity': RoBERTa with one logit, 'sentiment': BERT with 5 classes}."""
+    root = tmp_path_factory.mktemp("tiny_classifiers")
+    return {
+        "toxicity": save_tiny_classifier(root / "toxicity", "roberta", 1),
+        "sentiment": save_tiny_classifier(root / "sentiment", "bert", 5),
+    }

@@ -173,12 +173,16 @@ def evaluate_bounds(
     cond: Tensor | None = None,
     progress: bool = False,
     sis_batch: int = 4096,
+    smc: bool = True,
 ) -> dict[str, float | str]:
     """Bounds on log Z for every proposal and K, F_q, G_q, a log Z estimate and the two KLs.
 
     See the module docstring for the protocol and the metric keys. ``sis_batch``: the most
     particles per SIS call (independent SIS runs are stacked into one call up to this size).
+    ``smc=False`` skips the SMC/cSMC bounds (a learned policy without twists: SMC with ψ ≡ 1
+    would resample towards p₀, not towards σ).
     """
+    names = BOUND_NAMES if smc else ("lower_sis", "upper_sis")
     ks = sorted({int(k) for k in particles})
     if not ks or ks[0] < 1:
         raise ValueError(f"particles must be a non-empty list of positive ints, got {particles}")
@@ -221,7 +225,7 @@ def evaluate_bounds(
             proposal=proposal,
         )
         for k in ks:
-            per_bound: dict[str, list[float]] = {b: [] for b in BOUND_NAMES}
+            per_bound: dict[str, list[float]] = {b: [] for b in names}
             # SIS particles are independent, so the n_exact SIS runs go in batches of runs
             sis_log_w = _sis_log_weights(
                 model, task, k, n_exact, cond_rows, proposal, resampling, generator, sis_batch
@@ -231,9 +235,12 @@ def evaluate_bounds(
                 per_bound["upper_sis"].append(
                     log_mean_exp(_replace_first(sis_log_w[i], sigma_log_w[i]))
                 )
+                if not smc:
+                    bar.update(1)
+                    continue
                 c_i = None if cond_rows is None else cond_rows[i : i + 1].expand(k, -1).to(dev)
                 log_phi = task.bind(c_i)
-                smc = run_smc(
+                run = run_smc(
                     model,
                     prompt,
                     t_len,
@@ -245,7 +252,7 @@ def evaluate_bounds(
                     cond=c_i,
                     generator=generator,
                 )
-                per_bound["lower_smc"].append(smc.log_z_hat)
+                per_bound["lower_smc"].append(run.log_z_hat)
                 if k == 1:  # cSMC with one particle: Ẑ is the pinned sample's own weight
                     per_bound["upper_smc"].append(float(sigma_log_w[i]))
                 else:
@@ -270,7 +277,7 @@ def evaluate_bounds(
                 metrics[f"{prefix}/k{k}/log_z_{b}_se"] = se
             if proposal == "twist" and k == ks[-1]:
                 f_q_values = sis_log_w.reshape(-1)
-        for b in BOUND_NAMES:
+        for b in names:
             for suffix in ("", "_se"):
                 metrics[f"{prefix}/log_z_{b}{suffix}"] = metrics[
                     f"{prefix}/k{ks[-1]}/log_z_{b}{suffix}"
@@ -308,8 +315,10 @@ def log_z_midpoint(metrics: dict, prefix: str = "bounds") -> tuple[float, str]:
     Uses the largest-K keys ``{prefix}/log_z_{lower,upper}_{sis,smc}``. Ties go to SIS, as in
     the reference (SMC is chosen only when its gap is strictly smaller).
     """
-    lo_smc, up_smc = metrics[f"{prefix}/log_z_lower_smc"], metrics[f"{prefix}/log_z_upper_smc"]
     lo_sis, up_sis = metrics[f"{prefix}/log_z_lower_sis"], metrics[f"{prefix}/log_z_upper_sis"]
+    if f"{prefix}/log_z_lower_smc" not in metrics:  # no SMC bounds (a policy without twists)
+        return 0.5 * (lo_sis + up_sis), "sis_midpoint"
+    lo_smc, up_smc = metrics[f"{prefix}/log_z_lower_smc"], metrics[f"{prefix}/log_z_upper_smc"]
     if up_smc - lo_smc < up_sis - lo_sis:
         return 0.5 * (lo_smc + up_smc), "smc_midpoint"
     return 0.5 * (lo_sis + up_sis), "sis_midpoint"

@@ -48,6 +48,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_architecture(config: Any, suffixes: str | tuple[str, ...], what: str, kind: str) -> None:
+    """Refuse a checkpoint whose saved architecture is not of the expected kind (one line)."""
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not any(a.endswith(suffixes) for a in archs):
+        raise ModelLoadError(
+            f"{what} is a {archs[0]}, not {kind}; give {kind} there "
+            "(did you swap model.name and task.classifier?)"
+        )
+
+
 def load_base_model(
     name: str,
     dtype: torch.dtype = torch.float32,
@@ -70,6 +80,12 @@ def load_base_model(
                 "directory or a Hugging Face model name"
             )
         try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(os.path.expanduser(name))
+            check_architecture(
+                config, ("ForCausalLM", "LMHeadModel"), f"model.name={name}", "a causal LM"
+            )
             tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
             model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype)
         except (OSError, ValueError) as e:

@@ -2,14 +2,21 @@
 
 Potentials are plain callables ``log_phi(tokens [N, T], cond [N, c] | None) -> [N]`` (float32).
 ``log_phi_max`` is a known upper bound on log φ (0 for indicators and class probabilities), used
-by rejection sampling of exact target samples; None when no bound is known.
+by rejection sampling of exact target samples; None when no bound is known. ``beta`` is the
+potential's inverse temperature where it has one (PPO's reward is log φ / β).
+
+Conditional tasks (``cond_len`` = c > 0, infilling) condition on c tokens o that follow the
+output: their exact target samples come from joint sampling (``sample_joint``): draw T + c tokens
+from p₀; the first T are an exact sample of σ(· | o) for the o formed by the last c.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -21,11 +28,35 @@ class Task:
     potential: Callable[..., Tensor]
     log_phi_max: float | None = None
     cond_len: int = 0  # c > 0 for conditional tasks (infilling)
+    beta: float = 1.0
 
     def log_phi(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
         """log φ(s_1:T [, o]) for tokens [N, T] → [N] float32."""
+        if self.cond_len and cond is None:
+            raise ValueError(f"task '{self.name}' conditions on o; pass cond [N, {self.cond_len}]")
         return self.potential(tokens, cond).float()
 
     def bind(self, cond: Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """log φ with the conditioning bound in, the form the sampler takes."""
         return lambda tokens: self.log_phi(tokens, cond)
+
+    @torch.no_grad()
+    def sample_joint(
+        self, model: Any, n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """n exact pairs (s [n, T], o [n, c]) for a conditional task: T + c tokens from p₀."""
+        from smclm.smc.sampler import run_smc
+
+        if not self.cond_len:
+            raise ValueError(f"task '{self.name}' has no conditioning tokens to sample")
+        t_len = self.output_len
+        run = run_smc(
+            model.with_twist(None),
+            self.prompt_ids,
+            t_len + self.cond_len,
+            lambda tokens: torch.zeros(tokens.shape[0], device=tokens.device),
+            n,
+            ess_threshold=0.0,
+            generator=generator,
+        )
+        return run.tokens[:, :t_len], run.tokens[:, t_len:]

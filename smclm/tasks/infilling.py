@@ -1,0 +1,37 @@
+"""Infilling (paper §6, Tables 4 and 8): log φ(s, o) = log p₀(o | prompt, s), where o are the c
+tokens that follow the output s_1:T. Exact target samples come from joint sampling
+(:meth:`smclm.tasks.base.Task.sample_joint`); twists condition on o.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class InfillingPotential:
+    """log p₀(o | prompt, s) by one teacher-forced pass of the base LM over [prompt, s, o_<c]."""
+
+    def __init__(self, base: nn.Module, prompt_ids: Tensor, batch_size: int = 256) -> None:
+        self.base, self.prompt_ids, self.batch_size = base, prompt_ids, batch_size
+
+    @torch.no_grad()
+    def __call__(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
+        if cond is None:
+            raise ValueError("the infilling potential needs the conditioning tokens o")
+        n, t_len = tokens.shape
+        cond = cond.to(tokens.device)
+        if cond.shape[0] == 1 and n > 1:
+            cond = cond.expand(n, -1)
+        dev = next(self.base.parameters()).device
+        p_len = self.prompt_ids.numel()
+        out = []
+        for i in range(0, n, self.batch_size):
+            s, o = tokens[i : i + self.batch_size].to(dev), cond[i : i + self.batch_size].to(dev)
+            prompt = self.prompt_ids.to(dev)[None].expand(s.shape[0], -1)
+            ids = torch.cat([prompt, s, o[:, :-1]], dim=1)
+            logits = self.base(input_ids=ids).logits[:, p_len + t_len - 1 :].float()
+            lp = F.log_softmax(logits, dim=-1).gather(-1, o[:, :, None]).squeeze(-1)
+            out.append(lp.sum(1))
+        return torch.cat(out).to(tokens.device)
