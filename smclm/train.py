@@ -221,8 +221,11 @@ def _draw_conditioning(batch: TrainContext, cfg: DictConfig, world: Any) -> None
     """Conditional tasks: fresh (s, o) pairs from p₀ for this update (joint sampling), each o
     shared by ``group_size`` consecutive rows; ``exact_pool`` holds the exact s of each row."""
     group = batch.group_size or 1
+    task, n_pairs = world.task, batch.n_particles // group
     with torch.no_grad():
-        s, o = world.task.sample_joint(world.model, batch.n_particles // group, batch.generator)
+        s, o = task.sample_joint(world.model, n_pairs, batch.generator)
+    if batch.meter is not None:
+        batch.meter.sampled(n_pairs * (task.output_len + task.cond_len))
     batch.cond = o.repeat_interleave(group, dim=0)
     batch.exact_pool = s.repeat_interleave(group, dim=0)
 
