@@ -35,12 +35,14 @@ def sample(cfg: DictConfig) -> None:
     if n < 1:
         raise ValueError(f"n={n} must be a positive number of particles")
     gen = torch.Generator(device=world.device).manual_seed(int(cfg.seed))
+    cond = _conditioning(cfg, world, gen)
     res = run_smc(
         world.model,
         world.task.prompt_ids,
         world.task.output_len,
-        world.task.bind(),
+        world.task.bind(cond),
         n,
+        cond=cond,
         proposal=cfg.proposal,
         resampling=wcfg.smc.resampling,
         ess_threshold=float(wcfg.smc.ess_threshold),
@@ -50,6 +52,8 @@ def sample(cfg: DictConfig) -> None:
     w = res.normalized_weights
     order = torch.argsort(w, descending=True)
     print(f"prompt: {prompt!r}   task: {world.task.name}   T={world.task.output_len}   N={n}")
+    if cond is not None:
+        print(f"conditioning o: {world.tokenizer.decode(cond[0].tolist())!r}")
     print(f"{'weight':>8}  {'log w':>10}  {'log φ':>10}  text")
     for i in order.tolist():
         text = world.tokenizer.decode(res.tokens[i].tolist())
@@ -61,6 +65,28 @@ def sample(cfg: DictConfig) -> None:
         f"log Z-hat = {res.log_z_hat:.4f}   final ESS = {res.ess:.1f}/{n}   resampled at "
         f"{n_res}/{world.task.output_len} steps"
     )
+
+
+def _conditioning(cfg: DictConfig, world: World, gen: torch.Generator) -> torch.Tensor | None:
+    """Conditional tasks: o from ``cond=<text>`` (exactly task.cond_len tokens), else one o
+    drawn from p₀ after the prompt and T tokens; broadcast to all particles."""
+    from smclm.build import encode_prompt
+    from smclm.errors import ConfigError
+
+    task = world.task
+    if not task.cond_len:
+        return None
+    n = int(cfg.n)
+    if cfg.get("cond"):
+        o = encode_prompt(world.tokenizer, str(cfg.cond))
+        if o.numel() != task.cond_len:
+            raise ConfigError(
+                f"cond={cfg.cond!r} is {o.numel()} tokens but task.cond_len={task.cond_len}; "
+                "give exactly that many tokens, or leave cond unset to draw o from p0"
+            )
+        return o.to(world.device)[None].expand(n, -1)
+    _, o = task.sample_joint(world.model, 1, gen)
+    return o.expand(n, -1)
 
 
 def collect(cfg: DictConfig) -> None:
