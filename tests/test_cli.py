@@ -219,3 +219,31 @@ def test_wandb_offline_logger_needs_no_network(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_real_task_runs_and_load_errors_through_the_cli(
+    tmp_path, tiny_lm_dirs, tiny_classifier_dirs
+):
+    """task=sentiment on tiny GPT-2 + BERT through the real command; a classifier that cannot be
+    loaded offline, or a causal LM given as the classifier, is one line and exit 2."""
+    common = [
+        "task=sentiment",
+        f"model.name={tiny_lm_dirs['gpt2']}",
+        "task.prompt=the cat",
+        *TINY_TRAIN,
+        "evaluator=none",
+    ]
+    ok = smclm(
+        "train", *common, f"task.classifier={tiny_classifier_dirs['sentiment']}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (tmp_path / "run" / "summary.json").is_file()
+    for clf, msg in (
+        ("nobody/no-such-classifier", "could not load task.classifier=nobody/no-such-classifier"),
+        (tiny_lm_dirs["gpt_neo"], "is a GPTNeoForCausalLM, not a sequence classifier"),
+    ):
+        bad = smclm("train", *common, f"task.classifier={clf}", f"hydra.run.dir={tmp_path / 'x'}")
+        assert bad.returncode == 2
+        lines = error_lines(bad)
+        assert len(lines) == 1 and msg in lines[0], bad.stderr[-2000:]
