@@ -103,7 +103,10 @@ def build_task(
                 from smclm.tasks.sentiment import SentimentPotential
 
                 pot = SentimentPotential(clf, task_cfg.target_class, beta)
-            return Task(name, prompt, t_len, pot, log_phi_max=pot.log_max(), beta=beta)
+            uses_beta = name == "sentiment" or task_cfg.potential == "class_logprob"
+            return Task(
+                name, prompt, t_len, pot, log_phi_max=pot.log_max(), beta=beta if uses_beta else 1.0
+            )
         if name == "infilling":
             from smclm.tasks.infilling import InfillingPotential
 

@@ -124,6 +124,13 @@ def validate(cfg: DictConfig) -> None:
             src in ("auto", "cache", "none"),
             f"exact_samples.source={src} must be auto, cache or none",
         )
+    mbs = cfg.method.get("mini_batch_size")
+    if mbs is not None:
+        _require(
+            isinstance(mbs, int) and mbs > 0 and n % mbs == 0,
+            f"method.mini_batch_size={mbs} must divide the batch smc.n_particles={n}; choose a "
+            "divisor, or null for the whole batch",
+        )
     ppc = cfg.method.get("particles_per_cond")
     if cfg.task.get("cond_len") and ppc is not None:
         _require(

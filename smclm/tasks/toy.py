@@ -69,4 +69,11 @@ def build_toy_task(
             "pick ids below the vocabulary size"
         )
     pot = CountPotential(potential, [int(i) for i in target_ids], min_count, epsilon, beta)
-    return Task("toy", prompt_ids, output_len, pot, log_phi_max=pot.log_max(output_len))
+    return Task(
+        "toy",
+        prompt_ids,
+        output_len,
+        pot,
+        log_phi_max=pot.log_max(output_len),
+        beta=beta if potential == "exp_count" else 1.0,  # β only where φ uses it
+    )
