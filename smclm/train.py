@@ -107,9 +107,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         group_size=group,
     )
     meter = ComputeMeter()
+    meter.watch("base", model.base.base_model)
+    meter.watch("twist", model.twist)
+    meter.watch("policy", model.policy)
+    meter.watch_task(task)
+    batch.meter = meter
     owns_update = hasattr(method, "update")
     if owns_update:
-        method.setup(batch, lr)
+        meter.begin()
+        method.setup(batch, lr)  # e.g. GFlowNet's pilot batch: counted in the totals
+        meter.end()
+        for name, mod in method.extra_modules().items():
+            meter.watch(name, mod)
         optimizer = None
     else:
         params = [p for p in trainables.parameters() if p.requires_grad]
@@ -126,13 +135,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         _set_rng_state(gen, state["rng"])
         meter.load_state_dict(state["extra"].get("compute", {}))
         step = int(state["step"])
-    meter.watch("base", model.base.base_model)
-    meter.watch("twist", model.twist)
-    meter.watch("policy", model.policy)
-    for name, mod in (method.extra_modules() if owns_update else {}).items():
-        meter.watch(name, mod)
-    meter.watch_task(task)
-    batch.meter = meter
     tracker = Tracker(run_dir, cfg.logger, cfg, resume_step=step if ckpt is not None else None)
     updates = int(cfg.train.updates)
     schedule = eval_steps(updates, cfg.train.schedule, int(cfg.train.eval_every))

@@ -1,0 +1,578 @@
+"""GFlowNet fine-tuning of a proposal policy (Hu et al., ICLR 2024), adapted to smclm's
+fixed-length targets σ(s) ∝ p₀(s)·φ(s) (baselines-spec B4).
+
+The state graph is a tree of depth T (no termination action), the terminal reward is
+R(s) = σ̃(s) = p₀(s | s₀)·φ(s[, o]), optionally tempered to R^(1/τ_R) while training. Losses
+(``loss``), all with the samples treated as fixed:
+
+* ``tb`` (default): trajectory balance with a learned log Z_θ,
+  L = mean_s (log Z_θ + log q_θ(s) − log R(s)/τ_R)². At τ_R = 1 this is (log Z_θ − log w)² with
+  the SIS log-weight log w = log σ̃ − log q. ``log_z=scalar``: one parameter; ``log_z=conditional``
+  (conditional tasks): log Z_θ(o) = a + wᵀ ĝ(o), ĝ(o) the policy's own o-encoding (no grad)
+  standardised with the pilot batch's statistics, a initialised at the pilot mean and w = 0
+  (:class:`LogZ`). log Z_θ is **not** a bound on log Z: under on-policy
+  sampling its optimum is F_q ≤ log Z; under replay/tempering it can exceed log Z.
+* ``vargrad`` (= ``tb`` with ``log_z=batch_mean``, Hu's unimplemented "tb_no_z"): log Z_θ is
+  replaced by stop-grad(mean of log R/τ_R − log q) over the rows sharing an o (the whole batch for
+  unconditional tasks; needs ≥ 2 rows per o, ``method.particles_per_cond``).
+* ``subtb``: λ-weighted sub-trajectory balance with learned intermediate flows
+  log F_0 = log Z_θ(o), log F_t = log p₀(s_1:t) + log ψ_t(s_<t, s_t) (t = 1..T−1),
+  log F_T = log R/τ_R; DB residuals D_t = log F_t + log q(s_t+1 | s_1:t) − log F_t+1 and
+  C = [0, cumsum(D)]: L = Σ_{i<j} λ^(j−i−1) (C_j − C_i)² / Σ_{i<j} λ^(j−i−1) (batch mean).
+  The (0, T) term is TB.
+
+  **Flow head = ``model.twist``** (a deviation from B4.3's "scalar head on the hidden state
+  *after* s_t"): f_θ(s_1:t) is the twist's all-vocabulary output log ψ_t(s_<t, ·) read at the
+  sampled token s_t, i.e. computed from the hidden state *before* s_t, the convention every smclm
+  twist uses. It costs nothing extra (one head on the same hidden state), and it lets the unchanged
+  SMC sampler use the flow as its twists: the incremental log-weights of SMC with the policy as
+  proposal and the flow as twist are log α_1 = log F_1 − log q_1 (F_0 := 1 inside SMC) and
+  log α_t = −D_t−1 for t ≥ 2, summing to log w (baselines-spec B5). The world builds the
+  configured twist only when ``loss=subtb``; it is zero-initialised, so F_t = p₀(s_1:t) at the
+  start (the exact flow for φ ≡ 1), and trained with the policy in its own Adam group at the
+  policy's learning rate. It is a separate network from the policy (B4.3: never tie f to the
+  policy's logit modifier).
+
+One update (B4.6), owned here (the trainer calls ``update``):
+
+1. τ_R from the curriculum (τ_start → τ_end linearly over ``tau_r_updates`` updates; τ_end must be
+   1 unless ``allow_tempered_target``: with τ_end ≠ 1 the run targets σ^(1/τ), not σ).
+2. Behaviour per update: on-policy (p = 0.25), replay (0.25; on-policy when the buffer has no
+   entries for this prompt/o) or tempered (0.5) with τ_pf ~ U(0.5, 2). Sampling goes through
+   ``TrainContext.sample(ess_threshold=0)`` (SIS, no resampling, counted by the compute meter);
+   log R = log p₀ + log φ comes from the sampler, untempered. Sampled batches (on-policy and
+   tempered) are offered to the replay buffer (:mod:`smclm.methods.replay`; per prompt, top-k by
+   log R, Hu's de-duplication; off by default on conditional tasks, whose o is fresh every update).
+3. log q_θ(s) is recomputed at temperature 1 by one teacher-forced pass with grad (exact when
+   dropout is off; the sampler's log q is that of the tempered proposal). SubTB adds the twist's
+   teacher-forced pass for the flow (``model.forward_full``).
+4. One AdamW step (β = (0.9, 0.999), eps 1e-8, weight decay 0.01, no clipping): the policy with a
+   linear warm-up lr·min(k/W, 1) over W = ``warmup`` updates (k = 0 at the first update, as in
+   Hu's code), the flow head in its own group (same lr and warm-up, no weight decay), and log Z in
+   its own Adam group at ``lr_z`` (no warm-up, no weight decay; the conditional weights w at
+   lr_z/d on standardised o-encodings, see :class:`LogZ`).
+
+log Z is initialised in ``setup`` to the mean tempered log-weight over ``pilot_samples`` on-policy
+samples (B4.2), so the expected ∂L/∂log Z is ≈ 0 at the start (cf. gfn-lm-tuning#6, initial losses
+of 10³–10⁴ with log Z = 0). Rewards must be positive (φ > 0, e.g. ``task.epsilon > 0``): a sample
+with log R = −∞ has an infinite loss, and the update refuses it with the fix.
+
+Metrics (per update):
+
+====================  ==============================================================================
+``train/loss``        the loss (same as ``gfn/loss``)
+``gfn/loss``          TB / VarGrad / SubTB loss of this update
+``gfn/log_z_param``   log Z_θ (mean over rows for ``conditional``; the batch mean for ``batch_mean``);
+                      a parameter, **not** an estimate of log Z
+``gfn/mean_log_w``    mean of log σ̃ − log q over the batch, on-policy updates only (an F_q estimate)
+``gfn/behaviour``     0 on-policy, 1 replay, 2 tempered
+``gfn/tau_pf``        sampling temperature of this update (1 for on-policy and replay)
+``gfn/buffer_size``   entries in the replay buffer (all prompts/o's), 0 when it is off
+``gfn/tau_r``         reward temperature τ_R of this update
+``gfn/lr``            the policy's learning rate this update (warm-up)
+====================  ==============================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from smclm.errors import ConfigError, UserError
+from smclm.methods.base import TrainContext
+from smclm.methods.replay import Key, ReplayBuffer
+from smclm.models.twisted_lm import TwistedLM
+
+LOSSES = ("tb", "vargrad", "subtb")
+LOG_Z = ("scalar", "conditional", "batch_mean")
+ON_POLICY, REPLAY, TEMPERED = 0, 1, 2
+BUFFER_DEFAULTS: dict[str, Any] = {
+    "enabled": "auto",
+    "capacity": 50,
+    "sim_tolerance": 0.25,
+    "seed_with_exact": False,
+}
+
+
+# -- pure pieces of the losses ------------------------------------------------------------------
+
+
+class LogZ(nn.Module):
+    """log Z_θ: a scalar a, or log Z_θ(o) = a + wᵀ ĝ(o) with w [d] (``cond_dim`` = d > 0).
+
+    ĝ = (g − μ)/s standardises each coordinate of the o-encoding g(o) with the pilot batch's
+    mean and standard deviation (buffers, set by :meth:`standardize_with`). Raw hidden states
+    have coordinates of very different scales; with ĝ and w's learning rate lr_z/d (set by the
+    learner), one Adam step moves log Z(o) by about lr_z whatever d, like the scalar a.
+    """
+
+    g_mean: Tensor
+    g_std: Tensor
+
+    def __init__(self, init: float = 0.0, cond_dim: int = 0) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(float(init)))
+        self.w = nn.Parameter(torch.zeros(cond_dim)) if cond_dim > 0 else None
+        self.register_buffer("g_mean", torch.zeros(cond_dim))
+        self.register_buffer("g_std", torch.ones(cond_dim))
+
+    def standardize_with(self, g: Tensor) -> None:
+        """Set μ and s from o-encodings g [N, d] (s ≥ 1e-3 of its mean; 1 for a single row)."""
+        g = g.float()
+        self.g_mean.copy_(g.mean(0))
+        if g.shape[0] > 1:
+            std = g.std(0)
+            self.g_std.copy_(std.clamp(min=max(1e-3 * float(std.mean()), 1e-8)))
+
+    def forward(self, g: Tensor) -> Tensor:
+        """g: o-encodings [N, d] (scalar log Z: any [N, ·] tensor; only N is read) → [N]."""
+        out = self.a.expand(g.shape[0])
+        if self.w is not None:
+            out = out + ((g.float() - self.g_mean) / self.g_std) @ self.w
+        return out
+
+
+def group_mean(x: Tensor, group_size: int | None) -> Tensor:
+    """Mean of x [N] over consecutive groups of ``group_size`` rows (None: all rows), as [N]."""
+    if group_size is None or group_size >= x.shape[0]:
+        return x.mean().expand_as(x)
+    return x.view(-1, group_size).mean(1).repeat_interleave(group_size)
+
+
+def tb_residuals(log_z: Tensor, log_q: Tensor, log_r: Tensor, tau_r: float = 1.0) -> Tensor:
+    """log Z_θ + log q(s) − log R(s)/τ_R, all [N]; L_TB is the mean of its square."""
+    return log_z + log_q - log_r / tau_r
+
+
+def flow_log_f(
+    log_z: Tensor, log_p0: Tensor, log_psi: Tensor, log_r: Tensor, tau_r: float = 1.0
+) -> Tensor:
+    """log F_0..T [N, T+1]: log Z_θ [N]; log p₀(s_1:t) + log ψ_t(s_<t, s_t) from the per-token
+    log p₀ [N, T] and log ψ [N, T] at the sampled tokens (t = 1..T−1); log R [N] / τ_R."""
+    inner = (log_p0.cumsum(1) + log_psi)[:, :-1]
+    return torch.cat([log_z[:, None], inner, (log_r / tau_r)[:, None]], dim=1)
+
+
+def db_residuals(log_f: Tensor, log_q: Tensor) -> Tensor:
+    """D_t = log F_t + log q(s_t+1 | s_1:t) − log F_t+1 for t = 0..T−1: [N, T] from
+    log F [N, T+1] and per-token log q [N, T]."""
+    return log_f[:, :-1] + log_q - log_f[:, 1:]
+
+
+def subtb_loss(residuals: Tensor, lam: float = 1.0) -> Tensor:
+    """Σ_{0≤i<j≤T} λ^(j−i−1) (C_j − C_i)² / Σ λ^(j−i−1), C = [0, cumsum(D)], batch mean.
+
+    residuals: DB residuals D [N, T]. C_j − C_i = Σ_{i≤t<j} D_t; the (0, T) pair is TB."""
+    n, t_len = residuals.shape
+    c = torch.cat([residuals.new_zeros(n, 1), residuals.cumsum(1)], dim=1)  # [N, T+1]
+    diff = c[:, None, :] - c[:, :, None]  # [N, i, j] = C_j − C_i
+    pos = torch.arange(t_len + 1, device=residuals.device)
+    gap = pos[None, :] - pos[:, None]  # j − i
+    weight = torch.where(
+        gap > 0,
+        torch.tensor(float(lam), device=residuals.device).pow((gap - 1).clamp(min=0).float()),
+        torch.zeros((), device=residuals.device),
+    )
+    return ((weight * diff.pow(2)).sum((1, 2)) / weight.sum()).mean()
+
+
+# -- the learner ---------------------------------------------------------------------------------
+
+
+class GFN:
+    """GFlowNet fine-tuning of ``model.policy``; options are the keys of configs/method/gfn.yaml
+    (see the module docstring)."""
+
+    name = "gfn"
+
+    def __init__(
+        self,
+        loss: str = "tb",
+        log_z: str = "scalar",
+        lr_z: float = 0.1,
+        subtb_lambda: float = 1.0,
+        batch_size: int | None = None,
+        p_on_policy: float = 0.25,
+        p_replay: float = 0.25,
+        p_tempered: float = 0.5,
+        tau_pf: tuple[float, float] | list[float] = (0.5, 2.0),
+        tau_r_start: float = 1.0,
+        tau_r_end: float = 1.0,
+        tau_r_updates: int = 0,
+        allow_tempered_target: bool = False,
+        buffer: Mapping[str, Any] | None = None,
+        warmup: int = 20,
+        weight_decay: float = 0.01,
+        pilot_samples: int = 100,
+    ) -> None:
+        if loss not in LOSSES:
+            raise ConfigError(
+                f"method.loss={loss} is not a GFlowNet loss; choose one of: {', '.join(LOSSES)}"
+            )
+        if log_z not in LOG_Z:
+            raise ConfigError(
+                f"method.log_z={log_z} is not valid; choose one of: {', '.join(LOG_Z)}"
+            )
+        if loss == "vargrad":  # VarGrad is TB with the batch-mean log Z
+            if log_z == "conditional":
+                raise ConfigError(
+                    "method.loss=vargrad uses the batch-mean log Z (grouped by o), not "
+                    "log_z=conditional; set method.log_z=batch_mean, or method.loss=tb to keep "
+                    "log_z=conditional"
+                )
+            loss, log_z = "tb", "batch_mean"
+        if loss == "subtb" and log_z == "batch_mean":
+            raise ConfigError(
+                "method.loss=subtb needs a learned F_0 = log Z_θ; set method.log_z=scalar "
+                "(or conditional)"
+            )
+        if tau_r_end != 1.0 and not allow_tempered_target:
+            raise ConfigError(
+                f"method.tau_r_end={tau_r_end} trains toward σ^(1/τ_R), not σ; set "
+                "method.tau_r_end=1.0, or method.allow_tempered_target=true to target the "
+                "tempered σ on purpose"
+            )
+        for key, val in (("tau_r_start", tau_r_start), ("tau_r_end", tau_r_end)):
+            if not val > 0:
+                raise ConfigError(f"method.{key}={val} must be positive (e.g. 1.0)")
+        probs = [float(p_on_policy), float(p_replay), float(p_tempered)]
+        if min(probs) < 0 or sum(probs) <= 0:
+            raise ConfigError(
+                f"method.p_on_policy/p_replay/p_tempered={probs} must be non-negative with a "
+                "positive sum (e.g. 0.25, 0.25, 0.5)"
+            )
+        lo, hi = (float(x) for x in tau_pf)
+        if not 0 < lo <= hi:
+            raise ConfigError(
+                f"method.tau_pf=[{lo}, {hi}] must satisfy 0 < min ≤ max (e.g. [0.5, 2.0])"
+            )
+        buf: dict[str, Any] = dict(BUFFER_DEFAULTS)
+        unknown = sorted(set(buffer or {}) - set(buf))
+        if unknown:
+            raise ConfigError(
+                f"method.buffer does not take {', '.join(unknown)}; its keys are: {', '.join(buf)}"
+            )
+        buf.update(dict(buffer or {}))
+        if buf["enabled"] not in ("auto", True, False):
+            raise ConfigError(f"method.buffer.enabled={buf['enabled']} must be auto, true or false")
+        if int(buf["capacity"]) < 1:
+            raise ConfigError(
+                f"method.buffer.capacity={buf['capacity']} must be a positive integer"
+            )
+        checks: tuple[tuple[str, object, bool], ...] = (
+            ("lr_z", lr_z, lr_z > 0),
+            ("subtb_lambda", subtb_lambda, subtb_lambda > 0),
+            ("warmup", warmup, warmup >= 0),
+            ("pilot_samples", pilot_samples, pilot_samples >= 0),
+            ("tau_r_updates", tau_r_updates, tau_r_updates >= 0),
+            ("batch_size", batch_size, batch_size is None or batch_size > 0),
+        )
+        for key, value, ok in checks:
+            if not ok:
+                raise ConfigError(
+                    f"method.{key}={value} is out of range; see configs/method/gfn.yaml"
+                )
+        self.loss_kind, self.log_z_kind = loss, log_z
+        self.lr_z, self.subtb_lambda = float(lr_z), float(subtb_lambda)
+        self.batch_size = batch_size
+        self.probs = [p / sum(probs) for p in probs]
+        self.tau_pf = (lo, hi)
+        self.tau_r_start, self.tau_r_end = float(tau_r_start), float(tau_r_end)
+        self.tau_r_updates = int(tau_r_updates)
+        self.buffer_cfg = buf
+        self.warmup, self.weight_decay = int(warmup), float(weight_decay)
+        self.pilot_samples = int(pilot_samples)
+        self.needs_exact = bool(buf["seed_with_exact"])
+        self.log_z: LogZ | None = None
+        self.buffer: ReplayBuffer | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr = 0.0
+        self.n_updates = 0
+
+    # -- schedules -----------------------------------------------------------------------------
+    def tau_r(self, k: int) -> float:
+        """Reward temperature at update k (0-based): τ_start → τ_end linearly over H updates."""
+        if self.tau_r_updates == 0:
+            return self.tau_r_end
+        frac = min(k / self.tau_r_updates, 1.0)
+        return self.tau_r_start + (self.tau_r_end - self.tau_r_start) * frac
+
+    def policy_lr(self, k: int) -> float:
+        """lr·min(k/W, 1): Hu's warm-up from 0 (the first update has lr 0)."""
+        return self.lr if self.warmup == 0 else self.lr * min(k / self.warmup, 1.0)
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def setup(self, batch: TrainContext, lr: float) -> None:
+        model, task = batch.model, batch.task
+        if model.policy is None:
+            raise ConfigError(
+                "method=gfn trains a proposal policy but the model has none; set "
+                "method.policy=mlp_head|full|lora|separate_conditional"
+            )
+        if self.loss_kind == "subtb" and model.twist is None:
+            raise ConfigError(
+                "method.loss=subtb uses the twist as its flow head but the model has none; "
+                "set twist=mlp|linear|separate"
+            )
+        conditional = task.cond_len > 0
+        if self.log_z_kind == "conditional" and not conditional:
+            raise ConfigError(
+                f"method.log_z=conditional needs a conditional task, but task {task.name} has "
+                "no conditioning tokens; set method.log_z=scalar"
+            )
+        if conditional and self.batch_size not in (None, batch.n_particles):
+            raise ConfigError(
+                f"method.batch_size={self.batch_size} must equal smc.n_particles on conditional "
+                "tasks (one row per o); set method.batch_size=null"
+            )
+        rows_per_group = batch.group_size if conditional else self.batch_size or batch.n_particles
+        if self.log_z_kind == "batch_mean" and (rows_per_group or 1) < 2:
+            raise ConfigError(
+                "method.loss=vargrad (log_z=batch_mean) needs at least 2 samples per o; set "
+                "method.particles_per_cond=4 (or more), or use method.loss=tb"
+            )
+        enabled = self.buffer_cfg["enabled"]
+        if enabled == "auto":
+            enabled = not conditional
+        if enabled:
+            self.buffer = ReplayBuffer(
+                int(self.buffer_cfg["capacity"]), float(self.buffer_cfg["sim_tolerance"])
+            )
+        if self.needs_exact and self.buffer is None:
+            raise ConfigError(
+                "method.buffer.seed_with_exact=true needs the replay buffer; set "
+                "method.buffer.enabled=true"
+            )
+
+        self.lr = float(lr)
+        groups = [
+            {
+                "params": [p for p in model.policy.parameters() if p.requires_grad],
+                "weight_decay": self.weight_decay,
+                "name": "policy",
+            }
+        ]
+        if model.twist is not None and self.loss_kind == "subtb":
+            groups.append(
+                {
+                    "params": [p for p in model.twist.parameters() if p.requires_grad],
+                    "weight_decay": 0.0,
+                    "name": "flow",
+                }
+            )
+        if self.log_z_kind != "batch_mean":
+            self.log_z = self._pilot_log_z(batch)
+            groups.append(
+                {"params": [self.log_z.a], "lr": self.lr_z, "weight_decay": 0.0, "name": "log_z"}
+            )
+            if self.log_z.w is not None:  # lr_z/d: see LogZ
+                lr_w = self.lr_z / self.log_z.w.numel()
+                groups.append(
+                    {"params": [self.log_z.w], "lr": lr_w, "weight_decay": 0.0, "name": "log_z_w"}
+                )
+        self.optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=self.lr, betas=(0.9, 0.999), eps=1e-8
+        )
+        if self.needs_exact and not conditional:
+            pool = batch.exact_pool
+            if pool is None or self.buffer is None:
+                raise UserError("method.buffer.seed_with_exact=true but there is no exact pool")
+            self.buffer.add_batch([()] * pool.shape[0], pool, _log_r(batch, pool, None))
+
+    @torch.no_grad()
+    def _pilot_log_z(self, batch: TrainContext) -> LogZ:
+        """log Z_θ ← mean tempered log-weight of ``pilot_samples`` on-policy samples (B4.2)."""
+        features = None
+        cond = None
+        n = max(self.pilot_samples, 1)
+        if batch.task.cond_len > 0:
+            cond = batch.cond
+            if cond is None or cond.shape[0] != n:
+                sample_joint = getattr(batch.task, "sample_joint", None)
+                if sample_joint is None:
+                    raise UserError(
+                        f"task {batch.task.name} has no sample_joint to draw pilot o's for log Z"
+                    )
+                _, cond = sample_joint(batch.model, n, batch.generator)
+            if self.log_z_kind == "conditional":
+                features = _cond_features(batch.model, cond, n)
+        cond_dim = 0 if features is None else int(features.shape[-1])
+        log_z = LogZ(0.0, cond_dim).to(batch.model.device)
+        if features is not None:
+            log_z.standardize_with(features)
+        if self.pilot_samples == 0:
+            return log_z
+        res = batch.sample(ess_threshold=0.0, n=n, cond=cond)
+        log_w = (res.log_p0 + res.log_phi) / self.tau_r(0) - res.log_q
+        _check_finite(res.log_p0 + res.log_phi)
+        log_z.a.fill_(float(log_w.mean()))
+        return log_z
+
+    # -- one update --------------------------------------------------------------------------------
+    def update(self, batch: TrainContext) -> dict[str, float]:
+        if self.optimizer is None:
+            raise RuntimeError("call setup(batch, lr) before update")
+        model, task = batch.model, batch.task
+        k = self.n_updates
+        tau_r = self.tau_r(k)
+        cond = batch.cond
+        n = batch.n_particles if cond is not None else (self.batch_size or batch.n_particles)
+        keys = _keys(cond, n)
+        group = batch.group_size if cond is not None else None
+        if self.buffer is not None and self.needs_exact and cond is not None:
+            if batch.exact_pool is not None:  # B4.5: seed with the exact s paired with each o
+                self.buffer.add_batch(keys, batch.exact_pool, _log_r(batch, batch.exact_pool, cond))
+
+        mode, tau_pf = self._draw_behaviour(batch.generator, keys, group)
+        if mode == REPLAY:
+            tokens, log_r = self._replay(batch, keys, n, group)
+        else:
+            with torch.no_grad():
+                res = batch.sample(ess_threshold=0.0, n=n, temperature=tau_pf)
+            tokens, log_r = res.tokens, res.log_p0 + res.log_phi  # untempered log σ̃
+            _check_finite(log_r)
+            if self.buffer is not None:
+                self.buffer.add_batch(keys, tokens, log_r)
+
+        # one teacher-forced pass at temperature 1, with grad through the policy (and the flow)
+        prompt = task.prompt_ids
+        log_p0_all, log_q_all = model.policy_full(prompt, tokens, cond)
+        idx = tokens[..., None]
+        log_q_tok = log_q_all.gather(-1, idx).squeeze(-1)  # [N, T]
+        log_q = log_q_tok.sum(1)
+        if self.log_z is None:  # batch_mean (VarGrad)
+            log_z = group_mean((log_r / tau_r - log_q).detach(), group)
+        else:
+            features_of = cond if self.log_z_kind == "conditional" else None
+            log_z = self.log_z(_cond_features(model, features_of, n))
+        if self.loss_kind == "subtb":
+            _, log_psi_all = model.forward_full(prompt, tokens, cond)
+            assert log_psi_all is not None  # setup checked that the flow head (twist) exists
+            log_psi = log_psi_all.gather(-1, idx).squeeze(-1)
+            log_p0_tok = log_p0_all.gather(-1, idx).squeeze(-1)
+            log_f = flow_log_f(log_z, log_p0_tok, log_psi, log_r, tau_r)
+            loss = subtb_loss(db_residuals(log_f, log_q_tok), self.subtb_lambda)
+        else:
+            loss = tb_residuals(log_z, log_q, log_r, tau_r).pow(2).mean()
+
+        lr = self.policy_lr(k)
+        for g in self.optimizer.param_groups:
+            if g["name"] in ("policy", "flow"):
+                g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.n_updates += 1
+
+        metrics = {
+            "train/loss": float(loss.detach()),
+            "gfn/loss": float(loss.detach()),
+            "gfn/log_z_param": float(log_z.detach().mean()),
+            "gfn/behaviour": float(mode),
+            "gfn/tau_pf": float(tau_pf),
+            "gfn/buffer_size": float(len(self.buffer) if self.buffer is not None else 0),
+            "gfn/tau_r": float(tau_r),
+            "gfn/lr": float(lr),
+        }
+        if mode == ON_POLICY:
+            metrics["gfn/mean_log_w"] = float((log_r - log_q).detach().mean())
+        return metrics
+
+    def _draw_behaviour(
+        self, gen: torch.Generator, keys: list[Key], group: int | None
+    ) -> tuple[int, float]:
+        """(mode, τ_pf): on-policy / replay / tempered with the configured probabilities; replay
+        falls back to on-policy when the buffer lacks entries for some prompt/o of the batch."""
+        u = float(torch.rand((), generator=gen, device=gen.device))
+        edges = (self.probs[0], self.probs[0] + self.probs[1])
+        mode = sum(u >= e for e in edges)  # ON_POLICY, REPLAY or TEMPERED
+        if mode == REPLAY and not self._can_replay(keys, group):
+            mode = ON_POLICY
+        if mode != TEMPERED:
+            return mode, 1.0
+        lo, hi = self.tau_pf
+        return mode, lo + (hi - lo) * float(torch.rand((), generator=gen, device=gen.device))
+
+    def _can_replay(self, keys: list[Key], group: int | None) -> bool:
+        if self.buffer is None:
+            return False
+        return all(self.buffer.size(k) > 0 for k in keys[:: group or len(keys)])
+
+    def _replay(
+        self, batch: TrainContext, keys: list[Key], n: int, group: int | None
+    ) -> tuple[Tensor, Tensor]:
+        """n buffered sequences (uniform with replacement), group by group of rows sharing a key."""
+        size = group or n
+        assert self.buffer is not None
+        parts = [
+            self.buffer.sample(keys[i], size, batch.generator, batch.model.device)
+            for i in range(0, n, size)
+        ]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    # -- protocol ----------------------------------------------------------------------------------
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {} if self.log_z is None else {"log_z": self.log_z}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "log_z": None if self.log_z is None else self.log_z.state_dict(),
+            "buffer": None if self.buffer is None else self.buffer.state_dict(),
+            "n_updates": self.n_updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.log_z is not None and state.get("log_z") is not None:
+            self.log_z.load_state_dict(state["log_z"])
+        if self.buffer is not None and state.get("buffer") is not None:
+            self.buffer.load_state_dict(state["buffer"])
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.n_updates = int(state.get("n_updates", 0))
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _keys(cond: Tensor | None, n: int) -> list[Key]:
+    """Replay-buffer key of each row: () for the prompt alone, the o tokens on conditional tasks."""
+    if cond is None:
+        return [()] * n
+    return [tuple(row) for row in cond.tolist()]
+
+
+@torch.no_grad()
+def _cond_features(model: TwistedLM, cond: Tensor | None, n: int) -> Tensor:
+    """g(o) [N, d]: the policy's o-encoding (no grad); a [N, 1] placeholder without o."""
+    if cond is None:
+        return torch.zeros(n, 1, device=model.device)
+    encode = getattr(model.policy, "encode_cond", None)
+    if encode is None:
+        raise ConfigError(
+            "method.log_z=conditional needs a policy that encodes o; set "
+            "method.policy=separate_conditional (or mlp_head)"
+        )
+    return encode(cond).float()
+
+
+@torch.no_grad()
+def _log_r(batch: TrainContext, tokens: Tensor, cond: Tensor | None) -> Tensor:
+    """Untempered log R = log p₀(s | s₀) + log φ(s[, o]) of given sequences [N, T] → [N]."""
+    base = batch.model.with_twist(None)
+    tokens = tokens.to(batch.model.device)
+    lp = base.sequence_log_probs(batch.task.prompt_ids, tokens, cond, proposal="p0")["log_p0"]
+    log_r = lp.sum(1) + batch.task.log_phi(tokens, cond).to(lp.device)
+    _check_finite(log_r)
+    return log_r
+
+
+def _check_finite(log_r: Tensor) -> None:
+    if torch.isneginf(log_r).any() or torch.isnan(log_r).any():
+        raise UserError(
+            "a sampled sequence has log R = log p0 + log phi = -inf (phi = 0): trajectory "
+            "balance needs positive rewards; use a potential with a floor (task.epsilon > 0)"
+        )
