@@ -16,11 +16,13 @@ particles, a ~8-token prompt, an MLP twist head on the frozen base and a cheap c
 
 After one (short) warm-up run of each sampler, the timed runs go round-robin: each round times
 ours and plain at T_short (``--repeats`` rounds) and, in the first ``--long-repeats`` rounds,
-ours at T_long and the recompute baseline at T_short (one round by default for tinystories:
-those two runs take minutes on 2 CPU cores). Each reported ratio is the ratio of the medians;
-the JSON also holds every raw time and, under ``paired_ratios``, the median over rounds of the
-ratio of two runs from the same round (less sensitive to slow drift of the load on a shared
-machine, more to a single slow run).
+ours at T_long and the recompute baseline at T_short. Defaults: 5 rounds of everything for the
+toy (a run takes 0.1-2 s); one round for tinystories, whose runs take 0.5-2.5 minutes each on 2
+CPU cores (a step is ~1 s, so a single run already averages over 32-128 steps; pass --repeats 2
+for a second ours/plain pair, +1 minute). The default bench takes about 6 minutes on 2 cores.
+Each reported ratio is the ratio of the medians; the JSON also holds every raw time and, under
+``paired_ratios``, the median over rounds of the ratio of two runs from the same round (less
+sensitive to slow drift of the load on a shared machine, more to a single slow run).
 
 The recompute baseline computes the vocabulary projections (lm_head and the twist's output layer)
 at the last position only (``--recompute-logits last``, the default): that is the cheapest
@@ -29,8 +31,13 @@ them at every position as a plain full forward of ``AutoModelForCausalLM`` (and 
 all hidden states) does, which is what the reference code does before slicing the last step.
 
 Usage:
-    .venv/bin/python scripts/bench_smc.py [--models toy,tinystories] [--n 256] [--repeats 3]
-        [--quick] [--out bench.json]
+    .venv/bin/python scripts/bench_smc.py [--models toy,tinystories] [--n 256] [--repeats 5]
+        [--threads 1] [--quick] [--out bench.json]
+
+Threads: the toy model runs single-threaded by default (``--threads``): its ops are so small that
+a second thread only adds hand-off latency, which on a shared 2-core machine turns into
+seconds-long stalls; the TinyStories-shaped model uses torch's default. Every sampler of a model
+runs with the same setting.
 
 ``--dtype auto`` (the default) uses bfloat16 for the TinyStories-shaped model on CUDA or on a CPU
 with native bfloat16 matrix units (AVX512-BF16 / AMX), and float32 on other CPUs, where bfloat16
@@ -257,19 +264,23 @@ def bench_model(name: str, args, device: torch.device) -> dict:
     recompute = make_recompute(args.recompute_logits == "all")
     run = {"ours": ours, "plain": plain, "recompute": recompute}
     small = name == "toy"
-    reps = args.repeats or (1 if args.quick else 3 if small else 2)
+    reps = args.repeats or (5 if small and not args.quick else 1)
     long_reps = args.long_repeats or (reps if small else 1)
+    threads = args.threads or (1 if small else torch.get_num_threads())
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     times: dict[str, list[float]] = {"ours_T": [], "plain_T": [], "ours_4T": [], "recompute_T": []}
 
     def one(kind: str, t_len: int, seed: int) -> float:
         return timed(run[kind], device, lm, prompt, t_len, log_phi, n, seed)
 
-    # Warm-up (excluded): one short run of each sampler (same N and shapes, T_short/4 steps:
-    # first-call allocations, kernel selection, CUDA context). Then round-robin repeats, so that
-    # drift on a shared machine hits every measurement alike.
-    t_warm = max(2, t_short // 4)
+    # Warm-up (excluded): one short run of each sampler (same N and shapes: first-call
+    # allocations, kernel selection, CUDA context; T_short/4 steps for the toy, 2 for the large
+    # model, whose steps take about a second each). Then round-robin repeats, so that drift on
+    # a shared machine hits every measurement alike.
+    t_warm = max(2, t_short // 4) if small else 2
     for kind in ("ours", "plain", "recompute"):
-        one(kind, t_warm if kind != "recompute" or small else 2, SEED)
+        one(kind, t_warm, SEED)
     for r in range(max(reps, long_reps)):
         seed = SEED + 1 + r
         if r < reps:
@@ -284,6 +295,7 @@ def bench_model(name: str, args, device: torch.device) -> dict:
                 + ", ".join(f"{k}={v[-1]:.3f}s" for k, v in times.items() if len(v) > r),
                 flush=True,
             )
+    torch.set_num_threads(default_threads)
     med = {k: statistics.median(x) for k, x in times.items()}
     ours_t = times["ours_T"]
 
@@ -314,7 +326,7 @@ def bench_model(name: str, args, device: torch.device) -> dict:
             "repeats": reps,
             "long_repeats": long_reps,
             "recompute_logits": args.recompute_logits,
-            "threads": torch.get_num_threads(),
+            "threads": threads,
             "torch": torch.__version__,
             "platform": platform.platform(),
         },  # fmt: skip
@@ -359,12 +371,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=None, help="particles (default 256; 16 with --quick)")
     p.add_argument(
         "--repeats", type=int, default=None,
-        help="rounds timing ours and plain at T_short (default 3 for toy, 2 for tinystories)",
+        help="rounds timing ours and plain at T_short (default 5 for toy, 1 for tinystories)",
     )  # fmt: skip
     p.add_argument(
         "--long-repeats", type=int, default=None,
         help="rounds that also time ours at T_long and the recompute baseline "
         "(default: --repeats for toy, 1 for tinystories)",
+    )  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default 1 for the toy model, whose ~10^4-element ops only lose "
+        "to thread hand-offs on a small shared CPU; the torch default for tinystories)",
     )  # fmt: skip
     p.add_argument("--t", type=int, default=None, help="T_short (default 32); T_long = 4 T")
     p.add_argument("--quick", action="store_true", help="smoke run: N=16, T=8/32, 1 repeat")
@@ -384,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(SEED)
 
     results = []
+    t_start = time.perf_counter()
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         t0 = time.perf_counter()
         res = bench_model(name, args, device)
@@ -392,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name}: done in {res['wall_s']:.1f}s", flush=True)
     print()
     print_table(results)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
     if args.out:
         Path(args.out).write_text(json.dumps({r["model"]: r for r in results}, indent=2) + "\n")
         print(f"\nwrote {args.out}")

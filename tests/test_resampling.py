@@ -10,8 +10,10 @@ import torch
 from smclm.smc.resampling import (
     RESAMPLERS,
     arrange_in_place,
+    arrange_rows,
     get_resampler,
     multinomial,
+    multinomial_unsorted,
     stratified,
     systematic,
 )
@@ -231,6 +233,33 @@ def test_arrange_in_place_random_property() -> None:
         out = arrange_in_place(anc, n_particles)
         _check_arrangement(anc, out)
         assert torch.equal(arrange_in_place(anc, n_particles), out)  # deterministic
+
+
+def test_arrange_rows_matches_arrange_in_place_and_lists_the_changed_rows() -> None:
+    for seed in range(200):
+        gen = _gen(seed)
+        n_particles = int(torch.randint(1, 80, (1,), generator=gen))
+        anc = torch.randint(0, n_particles, (n_particles,), generator=gen)  # any order
+        out, dst, src = arrange_rows(anc)
+        assert torch.equal(out, arrange_in_place(anc, n_particles))
+        changed = torch.nonzero(out != torch.arange(n_particles)).squeeze(1)
+        assert torch.equal(dst, changed)  # ascending
+        assert torch.equal(src, out[dst])
+        assert not set(dst.tolist()) & set(src.tolist())  # sources keep their own slot
+        assert n_particles - dst.numel() == torch.unique(anc).numel()
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_multinomial_unsorted_draws_the_same_multiset(n: int) -> None:
+    for seed in range(20):
+        log_w = 2.0 * torch.randn(8, generator=_gen(100 + seed))
+        log_w[3] = NEG_INF
+        sorted_draw = multinomial(log_w, n, _gen(seed))
+        unsorted = multinomial_unsorted(log_w, n, _gen(seed))
+        assert torch.equal(torch.sort(unsorted).values, sorted_draw)
+        assert not bool((unsorted == 3).any())
+    with pytest.raises(ValueError, match="-inf"):
+        multinomial_unsorted(torch.full((4,), NEG_INF), 4, _gen(0))
 
 
 def test_arrange_in_place_large() -> None:

@@ -8,7 +8,8 @@ import torch
 from smclm.evaluators.exact import solve
 from smclm.models.loading import build_twist
 from smclm.models.twisted_lm import TwistedLM
-from smclm.smc.sampler import ParticleCollapseError, run_smc
+from smclm.smc.sampler import ParticleCollapseError, init, run_smc, step
+from smclm.smc.sampler import ess as ess_of
 from smclm.tasks.base import Task
 from smclm.tasks.toy import build_toy_task
 
@@ -160,3 +161,30 @@ def test_all_particles_dead_raises_a_named_error(world):
     dead = Task("dead", task.prompt_ids, T, lambda s, c=None: torch.full((s.shape[0],), -math.inf))
     with pytest.raises(ParticleCollapseError, match=f"step {T}.*smc.n_particles"):
         run_smc(model, dead.prompt_ids, T, dead.bind(), 8, generator=torch.Generator())
+
+
+def test_step_info_values_match_the_weights(world):
+    """Without resampling the weights stay in the state: ESS and log Ẑ increments recomputed from
+    them equal what the steps report (plain Python numbers), and log Ẑ is their sum."""
+    model, task, _ = world
+    gen = torch.Generator().manual_seed(3)
+    state = init(model, task.prompt_ids, 16)
+    prev = state.log_w
+    for _ in range(T):
+        state = step(model, state, T, task.bind(), ess_threshold=0.0, generator=gen)
+        info = state.infos[-1]
+        assert type(info.ess) is float and type(info.log_z_increment) is float
+        assert type(info.n_unique) is int and info.resampled is False and info.n_unique == 16
+        assert abs(info.ess - ess_of(state.log_w)) < 1e-6 * 16
+        inc = torch.logsumexp(state.log_w.double(), 0) - torch.logsumexp(prev.double(), 0)
+        assert abs(info.log_z_increment - float(inc)) < 1e-5
+        prev = state.log_w
+    total = sum(i.log_z_increment for i in state.infos)
+    assert abs(float(state.log_z_hat) - total) < 1e-4
+
+
+def test_nan_weights_raise_floating_point_error(world):
+    model, task, _ = world
+    nan = Task("nan", task.prompt_ids, T, lambda s, c=None: torch.full((s.shape[0],), math.nan))
+    with pytest.raises(FloatingPointError, match=f"NaN log-weight at step {T}"):
+        run_smc(model, nan.prompt_ids, T, nan.bind(), 8, generator=torch.Generator())

@@ -98,10 +98,10 @@ class FullPolicy(nn.Module):
         return self.lm.get_output_embeddings()(h).float()
 
     def begin(self, prompt_ids: Tensor, base_hidden: Tensor, n: int, cond: Tensor | None):
-        from transformers import DynamicCache
+        from smclm.models.cache import make_kv_cache
 
         self._check(cond)
-        cache = DynamicCache()
+        cache = make_kv_cache()
         out = self.lm.base_model(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
         reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=prompt_ids.device))
         return TwistState(cache=cache), self._logits(out.last_hidden_state[:, -1]).expand(n, -1)

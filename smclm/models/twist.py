@@ -159,9 +159,9 @@ class SeparateTwist(nn.Module):
         return None if cond is None else _last_hidden(self.body, cond).float()
 
     def begin(self, prompt_ids: Tensor, base_hidden: Tensor, n: int, cond: Tensor | None):
-        from transformers import DynamicCache
+        from smclm.models.cache import make_kv_cache
 
-        cache = DynamicCache()
+        cache = make_kv_cache()
         out = self.body(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
         reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=prompt_ids.device))
         state = TwistState(cond_h=self.encode_cond(cond), cache=cache)

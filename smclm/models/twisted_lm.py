@@ -97,12 +97,12 @@ class TwistedLM(nn.Module):
 
         cond: optional conditioning tokens o [n, c] (one row per particle).
         """
-        from transformers import DynamicCache
+        from smclm.models.cache import make_kv_cache
 
         if prompt_ids.dim() != 1 or prompt_ids.numel() == 0:
             raise ValueError("the prompt must be a non-empty 1-D tensor of token ids")
         ids = prompt_ids[None].to(self.device)
-        cache = DynamicCache()
+        cache = make_kv_cache()
         h = self.body(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
         reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=ids.device))
         log_p0 = self._log_p0(h[:, -1]).expand(n, -1)

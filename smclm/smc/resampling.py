@@ -5,14 +5,16 @@ LongTensor of ``n`` ancestor indices in ``[0, N)``; ``n`` may differ from ``N`` 
 SMC draws ``N - 1``).  All schemes work by inverse-CDF lookup: uniform points in ``[0, 1)``
 are located in the normalised cumulative weights with right-sided ``searchsorted``, so a
 zero-weight particle (log-weight ``-inf``), whose CDF interval is empty, is never selected.
-The returned ancestors are sorted in ascending order.
+The returned ancestors are sorted in ascending order (``multinomial_unsorted``: in draw order).
 
 ``arrange_in_place`` permutes an ancestor vector so that surviving particles keep their own
-slot, which lets the caller copy only the cache rows that actually change.
+slot, which lets the caller copy only the cache rows that actually change; ``arrange_rows`` does
+the same without validation and also returns those rows (what the sampler uses).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -22,8 +24,10 @@ __all__ = [
     "RESAMPLERS",
     "Resampler",
     "arrange_in_place",
+    "arrange_rows",
     "get_resampler",
     "multinomial",
+    "multinomial_unsorted",
     "stratified",
     "systematic",
 ]
@@ -62,10 +66,12 @@ def _normalised_cdf(log_w: Tensor) -> tuple[Tensor, Tensor]:
             f"log-weights must be a non-empty 1-D tensor, got shape {tuple(log_w.shape)}"
         )
     lw = log_w.detach().to(_DTYPE)
-    log_z = torch.logsumexp(lw, dim=0)
-    # A single host sync in the common case: log_z is finite iff there is no NaN, no +inf
-    # and at least one finite entry.  Only on failure do we work out which case it is.
-    if not bool(torch.isfinite(log_z)):
+    # Normalised weights; the largest is >= 1/N, so at least one entry is positive. Any NaN,
+    # any +inf or an all -inf vector makes every entry (and so the total) NaN.
+    w = torch.softmax(lw, dim=0)
+    cdf = torch.cumsum(w, dim=0)
+    # A single host sync in the common case; only on failure do we work out which case it is.
+    if not math.isfinite(cdf[-1].item()):
         if bool(torch.isnan(lw).any()):
             raise ValueError("log-weights contain NaN; cannot resample")
         if bool(torch.isposinf(lw).any()):
@@ -73,21 +79,17 @@ def _normalised_cdf(log_w: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(
             "all log-weights are -inf (every particle has zero weight); cannot resample"
         )
-    # The largest weight is >= 1/N after normalisation, so at least one entry is positive.
-    w = torch.exp(lw - log_z)
     positive = w > 0
-    index = torch.arange(w.shape[0], device=w.device)
-    last = torch.where(positive, index, -1).max()
-    cdf = torch.cumsum(w, dim=0)
+    # The running count of positive weights first reaches its maximum at the last one.
+    last = torch.cumsum(positive, dim=0).argmax()
     # Make zero-weight entries repeat the previous CDF value *exactly* (a parallel scan, as on
     # GPU, does not guarantee that adding 0.0 reproduces the same rounded sum) and make the
     # CDF monotone: zero them, then take the running maximum.  Their CDF intervals are then
     # empty, so right-sided searchsorted can never land on them.
-    cdf = torch.cummax(torch.where(positive, cdf, torch.zeros_like(cdf)), dim=0).values
+    cdf = torch.cummax(torch.where(positive, cdf, 0.0), dim=0).values
     # Dividing by the total makes every entry from the last positive weight on exactly 1
     # (they all equal cdf[-1] now, and x / x == 1 in IEEE arithmetic).
     cdf = cdf / cdf[-1]
-    cdf[-1] = 1.0
     return cdf, last
 
 
@@ -150,6 +152,16 @@ def multinomial(log_w: Tensor, n: int, generator: torch.Generator | None = None)
     # Sorting the points gives sorted ancestors without changing the distribution of counts.
     u, _ = torch.sort(u)
     return _invert(cdf, last, u)
+
+
+def multinomial_unsorted(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """:func:`multinomial` without the sort: the same multiset of ancestors in draw order.
+
+    For callers that only need the counts (e.g. followed by :func:`arrange_rows`).
+    """
+    n = _check_n(n)
+    cdf, last = _normalised_cdf(log_w)
+    return _invert(cdf, last, _uniform(n, generator, cdf.device))
 
 
 def systematic(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -254,16 +266,28 @@ def arrange_in_place(ancestors: Tensor, n_particles: int) -> Tensor:
         return anc.clone()
     if bool((anc < 0).any()) or bool((anc >= n_particles).any()):
         raise ValueError(f"ancestor indices must lie in [0, {n_particles})")
-    sorted_anc = torch.sort(anc).values
-    # First occurrence of each surviving index in the sorted vector; the other entries are
-    # the extra copies (count - 1 per surviving index), already in ascending order.
-    first = torch.ones_like(sorted_anc, dtype=torch.bool)
-    first[1:] = sorted_anc[1:] != sorted_anc[:-1]
-    survivors = sorted_anc[first]
-    present = torch.zeros_like(sorted_anc, dtype=torch.bool)
-    present[survivors] = True
-    out = torch.empty_like(anc)
-    out[survivors] = survivors
-    # There are exactly as many extra copies as slots of non-surviving indices.
-    out[~present] = sorted_anc[~first]
-    return out
+    return arrange_rows(anc)[0]
+
+
+def arrange_rows(ancestors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`arrange_in_place` without validation (and without sorting: the input may be in any
+    order), plus the rows that change.
+
+    Args:
+        ancestors: ``[N]`` LongTensor of indices in ``[0, N)``, in any order.
+
+    Returns:
+        ``(out, dst, src)``: ``out`` as :func:`arrange_in_place` returns it; ``dst`` the slots
+        whose entry changes (``out[dst] != dst``, ascending) and ``src = out[dst]``. ``dst`` and
+        ``src`` are disjoint (``src`` holds surviving indices, which keep their own slot), and
+        the number of distinct ancestors is ``N - len(dst)``.
+    """
+    n = ancestors.shape[0]
+    counts = torch.bincount(ancestors, minlength=n)
+    # Slots of surviving indices keep their own index; the others (exactly as many as there
+    # are extra copies, count - 1 per surviving index) receive the extra copies in ascending
+    # order of slot and of value.
+    dst = torch.nonzero(counts == 0).squeeze(1)
+    src = torch.repeat_interleave(counts.sub_(1).clamp_(min=0), output_size=dst.shape[0])
+    out = torch.arange(n, device=ancestors.device).index_copy_(0, dst, src)
+    return out, dst, src

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from smclm.models.cache import note_changed_rows
 from smclm.models.twisted_lm import SamplingContext, StepDists, TwistedLM
-from smclm.smc.resampling import arrange_in_place, get_resampler, multinomial
+from smclm.smc.resampling import arrange_rows, get_resampler, multinomial_unsorted
 
 
 class ParticleCollapseError(RuntimeError):
@@ -156,42 +157,49 @@ def step(
     log_q_t = log_q_all.gather(1, idx).squeeze(1)
     log_p0 = state.log_p0 + lp.gather(1, idx).squeeze(1)
     tokens = torch.cat([state.tokens, idx], dim=1)
-    if t < output_len:
-        log_twist = lpsi.gather(1, idx).squeeze(1) if lpsi is not None else torch.zeros_like(log_p0)
+    if t < output_len:  # ψ_t (ψ ≡ 1 without a twist: log π̃_t = log p₀ exactly)
+        log_gamma = log_p0 + lpsi.gather(1, idx).squeeze(1) if lpsi is not None else log_p0
     else:
-        log_twist = log_phi(tokens).float().to(log_p0.device)
-    log_gamma = log_p0 + log_twist
+        log_gamma = log_p0 + log_phi(tokens).float().to(log_p0.device)
     log_alpha = log_gamma - state.log_gamma - log_q_t
-    log_w = state.log_w + log_alpha
-    if torch.isnan(log_w).any():
-        raise FloatingPointError(f"NaN log-weight at step {t}: check the potential and twist")
-    if torch.isneginf(log_w).all():
-        raise ParticleCollapseError(t, n)
-    inc = torch.logsumexp(log_w, 0) - torch.logsumexp(state.log_w, 0)
+    # After init or a resample every log w is 0, and 0 + log α = log α exactly.
+    prev_zero = not state.infos or state.infos[-1].resampled
+    log_w = log_alpha if prev_zero else state.log_w + log_alpha
+    lse, inc, w_ess = _weight_stats(log_w, None if prev_zero else state.log_w)
+    if not math.isfinite(lse):  # the rare path: find out which failure it is
+        if torch.isnan(log_w).any():
+            raise FloatingPointError(f"NaN log-weight at step {t}: check the potential and twist")
+        if torch.isneginf(log_w).all():
+            raise ParticleCollapseError(t, n)
     log_q = state.log_q + log_q_t
-    w_ess = ess(log_w)
     resampled, n_unique = False, n
     if t < output_len and _should_resample(w_ess, n, ess_threshold):
+        # Only the multiset of ancestors matters (it is arranged next), so multinomial
+        # resampling skips the sort.
         if pinned is None:
-            anc = get_resampler(resampling)(log_w, n, generator)
+            resample = multinomial_unsorted if resampling == "multinomial" else None
+            anc = (resample or get_resampler(resampling))(log_w, n, generator)
         else:  # conditional SMC: particle 0 keeps its lineage; multinomial for the rest
             anc = torch.cat(
                 [
                     torch.zeros(1, dtype=torch.long, device=log_w.device),
-                    multinomial(log_w, n - 1, generator),
+                    multinomial_unsorted(log_w, n - 1, generator),
                 ]
             )
-        anc = arrange_in_place(anc, n)
-        if pinned is not None and anc[0] != 0:  # keep the pinned particle in slot 0
-            j = int(torch.nonzero(anc == 0)[0])
-            anc[j], anc[0] = anc[0].clone(), 0
-        tokens, log_gamma, log_p0, log_q = (x[anc] for x in (tokens, log_gamma, log_p0, log_q))
+        # Every survivor goes to its own slot (so the pinned particle 0 stays in slot 0); the
+        # rows that change are passed on to the cache reordering.
+        anc, dst, src = arrange_rows(anc)
+        note_changed_rows(anc, dst, src)
+        tokens, log_gamma, log_p0, log_q = (
+            x.index_select(0, anc) for x in (tokens, log_gamma, log_p0, log_q)
+        )
         log_w = torch.zeros_like(log_w)
         model.reorder(state.ctx, anc)
-        resampled, n_unique = True, int(torch.unique(anc).numel())
-    info = StepInfo(t, w_ess, resampled, n_unique, float(inc))
+        resampled, n_unique = True, n - dst.shape[0]
+    info = StepInfo(t, w_ess, resampled, n_unique, inc)
     next_dists = (
-        model.advance(state.ctx, s_t[anc] if resampled else s_t)
+        # tokens[:, -1] is s_t[anc] after a resample
+        model.advance(state.ctx, tokens[:, -1].contiguous() if resampled else s_t)
         if t < output_len
         else state.next_dists
     )
@@ -207,6 +215,28 @@ def step(
         next_dists,
         state.infos + [info],
     )
+
+
+def _weight_stats(log_w: Tensor, prev_log_w: Tensor | None) -> tuple[float, float, float]:
+    """(logsumexp log w, log Ẑ increment, ESS) of the updated weights, with one host sync.
+
+    In float64, as ``ess``: with m = max log w and e = exp(log w − m), lse = m + log Σe and
+    ESS = (Σe)²/Σe²; increment = lse − lse(previous log w), where ``prev_log_w=None`` means all
+    zeros (lse = log N). A NaN, a +∞ or an all −∞ log w makes the first value non-finite.
+    """
+    lw = log_w.double()
+    m = lw.max()
+    e = torch.exp(lw - m)
+    m, s1, s2 = torch.stack([m, e.sum(), e.dot(e)]).tolist()
+    lse = m + math.log(s1) if s1 > 0 else math.nan
+    if prev_log_w is None:
+        lse_prev = math.log(log_w.shape[0])
+    else:
+        lse_prev = float(torch.logsumexp(prev_log_w.double(), 0))
+    if not math.isfinite(lse):  # m = −∞: all −∞; m = +∞: some +∞ (else: a NaN)
+        lse = m if math.isinf(m) else math.nan
+        return lse, lse - lse_prev, 0.0 if lse == -math.inf else math.nan
+    return lse, lse - lse_prev, s1 * s1 / s2
 
 
 def _should_resample(w_ess: float, n: int, threshold: float) -> bool:
