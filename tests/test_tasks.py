@@ -267,3 +267,22 @@ def test_particles_per_cond_must_divide_the_batch(tiny_lm_dirs, tmp_path):
     )
     with pytest.raises(ConfigError, match="particles_per_cond=10 must divide smc.n_particles=8"):
         train(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("arch", ["toy", "gpt_neo", "gpt2"])
+def test_infilling_potential_from_the_kv_cache_equals_the_teacher_forced_one(
+    arch, toy_world, tiny_lm_dirs
+):
+    """The sampler scores infilling's log p₀(o | prompt, s) from its KV cache at the last step
+    (with resampling on the way); it must equal a fresh teacher-forced pass."""
+    from smclm.models.loading import load_base_model
+    from smclm.smc.sampler import run_smc
+
+    base = toy_world[0] if arch == "toy" else load_base_model(tiny_lm_dirs[arch])[0]
+    model, task = TwistedLM(base), _infilling_task(3, 2, base)
+    g = torch.Generator().manual_seed(5)
+    o = torch.randint(0, 12, (16, 2), generator=g)
+    res = run_smc(model, PROMPT, 3, task.bind(o), 16, ess_threshold=1.0, cond=o, generator=g)
+    # without resampling at T the rows keep their o; after earlier resamples they still do
+    direct = task.potential(res.tokens, o)
+    assert torch.allclose(res.log_phi, direct, atol=1e-5)

@@ -159,8 +159,10 @@ def step(
     tokens = torch.cat([state.tokens, idx], dim=1)
     if t < output_len:  # ψ_t (ψ ≡ 1 without a twist: log π̃_t = log p₀ exactly)
         log_gamma = log_p0 + lpsi.gather(1, idx).squeeze(1) if lpsi is not None else log_p0
-    else:
-        log_gamma = log_p0 + log_phi(tokens).float().to(log_p0.device)
+    else:  # φ at T; a potential that can read the KV cache does (infilling: no re-run)
+        cached = getattr(log_phi, "from_cache", None)
+        phi = cached(model, state.ctx, tokens) if cached is not None else None
+        log_gamma = log_p0 + (log_phi(tokens) if phi is None else phi).float().to(log_p0.device)
     log_alpha = log_gamma - state.log_gamma - log_q_t
     # After init or a resample every log w is 0, and 0 + log α = log α exactly.
     prev_zero = not state.infos or state.infos[-1].resampled

@@ -38,7 +38,7 @@ class Task:
 
     def bind(self, cond: Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """log φ with the conditioning bound in, the form the sampler takes."""
-        return lambda tokens: self.log_phi(tokens, cond)
+        return BoundPotential(self, cond)
 
     @torch.no_grad()
     def sample_joint(
@@ -60,3 +60,24 @@ class Task:
             generator=generator,
         )
         return run.tokens[:, :t_len], run.tokens[:, t_len:]
+
+
+class BoundPotential:
+    """``tokens -> log φ(tokens, cond)``. When the potential can read the sampler's KV cache
+    (``potential.from_cache``, e.g. infilling's log p₀(o | prompt, s)), the sampler calls
+    :meth:`from_cache` at the last step instead of re-running the base model over the prefix."""
+
+    def __init__(self, task: Task, cond: Tensor | None) -> None:
+        self.task, self.cond = task, cond
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        return self.task.log_phi(tokens, self.cond)
+
+    def from_cache(self, model: Any, ctx: Any, tokens: Tensor) -> Tensor | None:
+        """log φ from the base model's cache of [prompt, s_1:T−1], or None when unsupported.
+        The cache is extended (it is not used after the last step)."""
+        fn = getattr(self.task.potential, "from_cache", None)
+        if fn is None or self.cond is None:
+            return None
+        out = fn(model, ctx, tokens, self.cond)
+        return None if out is None else out.float()

@@ -35,3 +35,17 @@ class InfillingPotential:
             lp = F.log_softmax(logits, dim=-1).gather(-1, o[:, :, None]).squeeze(-1)
             out.append(lp.sum(1))
         return torch.cat(out).to(tokens.device)
+
+    @torch.no_grad()
+    def from_cache(self, model, ctx, tokens: Tensor, cond: Tensor) -> Tensor | None:
+        """The same log p₀(o | prompt, s) from the sampler's KV cache of [prompt, s_1:T−1]: one
+        forward of the c tokens [s_T, o_<c] per particle instead of P + T + c − 1."""
+        if model.base is not self.base or ctx.cache is None:
+            return None
+        cond = cond.to(tokens.device)
+        if cond.shape[0] != tokens.shape[0]:
+            cond = cond.expand(tokens.shape[0], -1)
+        ids = torch.cat([tokens[:, -1:], cond[:, :-1]], dim=1)
+        h = model.body(input_ids=ids, past_key_values=ctx.cache, use_cache=True).last_hidden_state
+        lp = model._log_p0(h)  # [N, c, V], float32
+        return lp.gather(-1, cond[:, :, None]).squeeze(-1).sum(1)
