@@ -97,6 +97,14 @@ class ComputeMeter:
 
         counted._smclm_metered = True  # type: ignore[attr-defined]
         counted.inner = inner  # type: ignore[attr-defined]
+        from_cache = getattr(inner, "from_cache", None)
+        if from_cache is not None:  # keep the KV-cache path (infilling), counted the same way
+
+            def counted_from_cache(model, ctx, tokens, cond):
+                self.step["potential_sequences"] += int(tokens.shape[0])
+                return from_cache(model, ctx, tokens, cond)
+
+            counted.from_cache = counted_from_cache  # type: ignore[attr-defined]
         task.potential = counted
 
     def sampled(self, n_tokens: int) -> None:
