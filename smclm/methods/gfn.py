@@ -45,7 +45,7 @@ One update (B4.6), owned here (the trainer calls ``update``):
    log R, Hu's de-duplication; off by default on conditional tasks, whose o is fresh every update).
 3. log q_θ(s) is recomputed at temperature 1 by one teacher-forced pass with grad (exact when
    dropout is off; the sampler's log q is that of the tempered proposal). SubTB adds the twist's
-   teacher-forced pass for the flow (``model.forward_full``).
+   flow head's log ψ, from the same base pass (``model.full_pass``).
 4. One AdamW step (β = (0.9, 0.999), eps 1e-8, weight decay 0.01, no clipping): the policy with a
    linear warm-up lr·min(k/W, 1) over W = ``warmup`` updates (k = 0 at the first update, as in
    Hu's code), the flow head in its own group (same lr and warm-up, no weight decay), and log Z in
@@ -439,7 +439,9 @@ class GFN:
 
         # one teacher-forced pass at temperature 1, with grad through the policy (and the flow)
         prompt = task.prompt_ids
-        log_p0_all, log_q_all = model.policy_full(prompt, tokens, cond)
+        # one base pass gives log p₀, the policy's log q and (SubTB) the flow head's log ψ
+        log_p0_all, log_psi_all, log_q_all = model.full_pass(prompt, tokens, cond)
+        assert log_q_all is not None  # setup checked that the policy exists
         idx = tokens[..., None]
         log_q_tok = log_q_all.gather(-1, idx).squeeze(-1)  # [N, T]
         log_q = log_q_tok.sum(1)
@@ -449,7 +451,6 @@ class GFN:
             features_of = cond if self.log_z_kind == "conditional" else None
             log_z = self.log_z(_cond_features(model, features_of, n))
         if self.loss_kind == "subtb":
-            _, log_psi_all = model.forward_full(prompt, tokens, cond)
             assert log_psi_all is not None  # setup checked that the flow head (twist) exists
             log_psi = log_psi_all.gather(-1, idx).squeeze(-1)
             log_p0_tok = log_p0_all.gather(-1, idx).squeeze(-1)

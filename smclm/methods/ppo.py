@@ -384,8 +384,8 @@ class PPO:
         logits, feats = policy.full_with_features(ids, hidden, start, cond)
         if getattr(policy, "residual", True):  # log q = log_softmax(log p₀ + l)
             with torch.no_grad():
-                log_p0_all = model._log_p0(hidden[:, start:])
-            log_q_all = model._policy_log_q(log_p0_all, logits)
+                log_p0_all = model.log_p0_from_hidden(hidden[:, start:])
+            log_q_all = model.policy_log_q(log_p0_all, logits)
         else:  # full / lora: the copy's own logits (no p₀ needed)
             log_q_all = F.log_softmax(logits.float(), dim=-1)
         log_q = log_q_all.gather(-1, tokens[..., None]).squeeze(-1)
@@ -413,7 +413,9 @@ class PPO:
         ids = torch.cat([prompt[None].expand(n, -1), tokens[:, :-1]], dim=1)
         hidden = model.body(input_ids=ids).last_hidden_state
         start = prompt.numel() - 1
-        log_p0 = model._log_p0(hidden[:, start:]).gather(-1, tokens[..., None]).squeeze(-1)
+        log_p0 = (
+            model.log_p0_from_hidden(hidden[:, start:]).gather(-1, tokens[..., None]).squeeze(-1)
+        )
         log_q, values, _ = self._policy_pass(model, ids, hidden, tokens, cond)
         beta = self.beta(batch)
         kl_coef = 1.0 / beta if self.kl_coef is None else self.kl_coef

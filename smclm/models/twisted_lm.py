@@ -76,7 +76,8 @@ class TwistedLM(nn.Module):
     def device(self) -> torch.device:
         return next(self.base.parameters()).device
 
-    def _log_p0(self, h: Tensor) -> Tensor:
+    def log_p0_from_hidden(self, h: Tensor) -> Tensor:
+        """log p₀ (float32) from the base body's hidden states [..., d]."""
         return F.log_softmax(self.base.get_output_embeddings()(h).float(), dim=-1)
 
     def with_twist(self, twist: nn.Module | None, keep_policy: bool = False) -> TwistedLM:
@@ -84,7 +85,8 @@ class TwistedLM(nn.Module):
         unless keep_policy (``with_twist(None)`` is plain p₀)."""
         return TwistedLM(self.base, twist, self.policy if keep_policy else None)
 
-    def _policy_log_q(self, log_p0: Tensor, logits: Tensor) -> Tensor:
+    def policy_log_q(self, log_p0: Tensor, logits: Tensor) -> Tensor:
+        """log q from log p₀ and the policy's logits (residual or not), float32."""
         x = log_p0 + logits.float() if getattr(self.policy, "residual", True) else logits.float()
         return F.log_softmax(x, dim=-1)
 
@@ -105,13 +107,13 @@ class TwistedLM(nn.Module):
         cache = make_kv_cache()
         h = self.body(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
         reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=ids.device))
-        log_p0 = self._log_p0(h[:, -1]).expand(n, -1)
+        log_p0 = self.log_p0_from_hidden(h[:, -1]).expand(n, -1)
         twist_state, log_psi, policy_state, log_q = None, None, None, None
         if self.twist is not None:
             twist_state, log_psi = self.twist.begin(ids, h, n, cond)
         if self.policy is not None:
             policy_state, logits = self.policy.begin(ids, h, n, cond)
-            log_q = self._policy_log_q(log_p0, logits)
+            log_q = self.policy_log_q(log_p0, logits)
         ctx = SamplingContext(cache, twist_state, n, policy_state)
         return ctx, StepDists(log_p0, log_psi, log_q)
 
@@ -122,11 +124,11 @@ class TwistedLM(nn.Module):
             input_ids=tokens[:, None], past_key_values=ctx.cache, use_cache=True
         ).last_hidden_state
         log_psi, log_q = None, None
-        log_p0 = self._log_p0(h[:, -1])
+        log_p0 = self.log_p0_from_hidden(h[:, -1])
         if self.twist is not None:
             log_psi = self.twist.advance(ctx.twist_state, tokens, h)
         if self.policy is not None:
-            log_q = self._policy_log_q(log_p0, self.policy.advance(ctx.policy_state, tokens, h))
+            log_q = self.policy_log_q(log_p0, self.policy.advance(ctx.policy_state, tokens, h))
         return StepDists(log_p0, log_psi, log_q)
 
     @torch.no_grad()
@@ -139,6 +141,30 @@ class TwistedLM(nn.Module):
             self.policy.reorder(ctx.policy_state, ancestors)
 
     # -- teacher-forced pass --------------------------------------------------------------------
+    def base_pass(self, prompt_ids: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, int]:
+        """The frozen base over [prompt, s_1..s_{T-1}] for tokens [N, T], without gradients:
+        (input ids [N, P+T-1], hidden states [N, P+T-1, d], start = P-1, the position of s_1's
+        logits)."""
+        n = tokens.shape[0]
+        ids = torch.cat([prompt_ids.to(tokens.device)[None].expand(n, -1), tokens[:, :-1]], dim=1)
+        with torch.no_grad():
+            h = self.body(input_ids=ids).last_hidden_state
+        return ids, h, prompt_ids.numel() - 1
+
+    def full_pass(
+        self, prompt_ids: Tensor, tokens: Tensor, cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """log p₀ [N, T, V] (no grad), log ψ [N, T, V] of the twist and log q [N, T, V] of the
+        policy (with grad; None for what the model lacks), from ONE pass of the base."""
+        ids, h, start = self.base_pass(prompt_ids, tokens)
+        with torch.no_grad():
+            log_p0 = self.log_p0_from_hidden(h[:, start:])
+        log_psi = None if self.twist is None else self.twist.full(ids, h, start, cond)
+        log_q = None
+        if self.policy is not None:
+            log_q = self.policy_log_q(log_p0, self.policy.full(ids, h, start, cond))
+        return log_p0, log_psi, log_q
+
     def forward_full(
         self, prompt_ids: Tensor, tokens: Tensor, cond: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
@@ -147,15 +173,10 @@ class TwistedLM(nn.Module):
         Returns log p₀(s_t = · | s_<t) [N, T, V] (no grad) and log ψ_t(s_<t, ·) [N, T, V]
         (with grad through the twist's parameters; None when there is no twist).
         """
-        n, t_len = tokens.shape
-        p_len = prompt_ids.numel()
-        ids = torch.cat([prompt_ids.to(tokens.device)[None].expand(n, -1), tokens[:, :-1]], dim=1)
+        ids, h, start = self.base_pass(prompt_ids, tokens)
         with torch.no_grad():
-            h = self.body(input_ids=ids).last_hidden_state
-            log_p0 = self._log_p0(h[:, p_len - 1 :])
-        log_psi = None
-        if self.twist is not None:
-            log_psi = self.twist.full(ids, h, p_len - 1, cond)
+            log_p0 = self.log_p0_from_hidden(h[:, start:])
+        log_psi = None if self.twist is None else self.twist.full(ids, h, start, cond)
         return log_p0, log_psi
 
     def policy_full(
@@ -165,14 +186,10 @@ class TwistedLM(nn.Module):
         through the policy), from one base pass plus the policy's own pass."""
         if self.policy is None:
             raise ValueError("policy_full needs a policy")
-        n = tokens.shape[0]
-        p_len = prompt_ids.numel()
-        ids = torch.cat([prompt_ids.to(tokens.device)[None].expand(n, -1), tokens[:, :-1]], dim=1)
+        ids, h, start = self.base_pass(prompt_ids, tokens)
         with torch.no_grad():
-            h = self.body(input_ids=ids).last_hidden_state
-            log_p0 = self._log_p0(h[:, p_len - 1 :])
-        logits = self.policy.full(ids, h, p_len - 1, cond)
-        return log_p0, self._policy_log_q(log_p0, logits)
+            log_p0 = self.log_p0_from_hidden(h[:, start:])
+        return log_p0, self.policy_log_q(log_p0, self.policy.full(ids, h, start, cond))
 
     def sequence_log_probs(
         self,

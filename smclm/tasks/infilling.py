@@ -47,5 +47,5 @@ class InfillingPotential:
             cond = cond.expand(tokens.shape[0], -1)
         ids = torch.cat([tokens[:, -1:], cond[:, :-1]], dim=1)
         h = model.body(input_ids=ids, past_key_values=ctx.cache, use_cache=True).last_hidden_state
-        lp = model._log_p0(h)  # [N, c, V], float32
+        lp = model.log_p0_from_hidden(h)  # [N, c, V], float32
         return lp.gather(-1, cond[:, :, None]).squeeze(-1).sum(1)
