@@ -203,7 +203,7 @@ def test_expected_gradient_vanishes_at_optimal_twist(world, name):
 
 # Adam on an MLP head (seed 0): (lr, K particles, updates, required KL(σ‖q) final/initial ratio).
 # KL(σ‖q) starts at 3.55 (q = p₀). Final ratios seen, seeds 0–4 (seed 0 is the test):
-#   ctl   0.057 0.108 0.108 0.077 0.107   exact positives (seed 0): 0.064
+#   ctl   0.057 0.108 0.108 0.077 0.107   exact positives (seed 0): 0.064, csmc: 0.088
 #   rl    0.265 0.265 0.283 0.281 0.272                             0.170
 #   sixo  0.184 0.190 0.177 0.177 0.218                             0.069
 #   fudge 0.089 0.085 0.091 0.135 0.107
@@ -216,6 +216,7 @@ LEARNING = {
     "dpg": (1e-3, 32, 100, 0.5),
 }
 CASES = [(name, None) for name in ALL] + [(name, "exact") for name in WITH_EXACT]
+CASES.append(("ctl", "csmc"))  # cSMC positives around one pinned exact sample (infilling CTL)
 
 
 @pytest.mark.parametrize(("name", "positives"), CASES)
@@ -238,3 +239,22 @@ def test_learning_reduces_kl(world, name, positives):
         f"(ratio {kl1 / kl0:.3f})"
     )
     assert kl1 <= ratio * kl0
+
+
+def test_pinned_sampling_keeps_each_groups_exact_sample_in_its_first_slot(world):
+    """TrainContext.sample(pinned=…) runs one conditional SMC per o group, each carrying its
+    group's exact sample in the group's first row (what CTL's csmc positives rely on)."""
+    base, task, _, pool = world
+    model = TwistedLM(base)  # q = p₀ (the toy head twist takes no o)
+    g, size = 4, 8
+    cond = torch.arange(g).repeat_interleave(size)[:, None]  # a stand-in o per group
+    batch = TrainContext(
+        model, task, g * size, torch.Generator().manual_seed(0), cond=cond, group_size=size
+    )
+    pins = pool[:g]
+    res = batch.sample(ess_threshold=1.0, pinned=pins)
+    assert torch.equal(res.tokens[::size], pins)
+    w = batch.normalize(res.log_w)
+    assert torch.allclose(w.view(g, size).sum(1), torch.full((g,), 1.0 / g), atol=1e-6)
+    with pytest.raises(ValueError, match="pinned has 1 rows for 4 SMC runs"):
+        batch.sample(ess_threshold=1.0, pinned=pins[:1])

@@ -65,11 +65,13 @@ class TrainContext:
         temperature: float = 1.0,
         cond: Tensor | None = None,
         potential: bool = True,
+        pinned: Tensor | None = None,
     ) -> SMCResult:
         """K (or n) particles for this update: SIS (ess_threshold=0) or SMC (1.0) from the
         proposal (the policy's, else the twisted one), or plain p₀ samples (p0=True). With
         conditioning and resampling, each group of rows sharing an o is its own SMC run.
         potential=False skips log φ (result.log_phi is 0: for p₀ negatives that need no weight).
+        pinned [G, T]: conditional SMC, one exact sample pinned in slot 0 of each group's run.
         Call under torch.no_grad()."""
         model = self.model.with_twist(None) if p0 else self.model
         n = self.n_particles if n is None else n
@@ -77,8 +79,10 @@ class TrainContext:
         if self.meter is not None:
             self.meter.sampled(n * self.task.output_len)
         groups = 1 if cond is None or ess_threshold <= 0 else self.n_groups
+        if pinned is not None and pinned.shape[0] != groups:
+            raise ValueError(f"pinned has {pinned.shape[0]} rows for {groups} SMC runs")
         runs = []
-        for rows in torch.arange(n).chunk(groups):
+        for g, rows in enumerate(torch.arange(n).chunk(groups)):
             c = None if cond is None else cond[rows.to(cond.device)]
             runs.append(
                 run_smc(
@@ -92,6 +96,7 @@ class TrainContext:
                     cond=c,
                     generator=self.generator,
                     temperature=temperature,
+                    pinned=None if pinned is None else pinned[g],
                 )
             )
         return runs[0] if len(runs) == 1 else _concat_runs(runs)

@@ -17,6 +17,10 @@ Samples (paper-spec §4.6):
   for every t, using the learned ψ_T at t = T.
 * ``positives="exact"`` (``ebm_reweight``, the exact-σ ablation): K exact target samples with
   uniform weights as positives; negatives from the SIS run as above.
+* ``positives="csmc"`` (the paper's infilling CTL, ``use_smc_ub_for_pos_samples``, App. G.4):
+  positives are the particles of a conditional SMC run (resampling at every t < T) with one
+  exact sample pinned — per o on conditional tasks, the pair's s — weighted by the softmax of
+  the final-step (φ) log-weights; negatives from the SIS run as above.
 
 All weights are stop-grad; the gradient flows only through log ψ of one teacher-forced pass per
 sample set.
@@ -28,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from smclm.errors import ConfigError
 from smclm.methods.base import TrainContext, check_positives, require_twist
 from smclm.smc.sampler import ess
 
-POSITIVES = ("sis", "exact")
+POSITIVES = ("sis", "exact", "csmc")
 
 
 def _weighted_sum(w: Tensor, x: Tensor) -> Tensor:
@@ -40,13 +45,13 @@ def _weighted_sum(w: Tensor, x: Tensor) -> Tensor:
 
 
 class CTL:
-    """Contrastive twist learning. Options: ``positives`` = ``sis`` (default) | ``exact``."""
+    """Contrastive twist learning. ``positives`` = ``sis`` (default) | ``exact`` | ``csmc``."""
 
     name = "ctl"
 
     def __init__(self, positives: str = "sis") -> None:
         self.positives = check_positives("ctl", positives, POSITIVES)
-        self.needs_exact = positives == "exact"
+        self.needs_exact = positives in ("exact", "csmc")
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
@@ -54,7 +59,22 @@ class CTL:
         prompt = task.prompt_ids
         with torch.no_grad():
             sis = batch.sample(ess_threshold=0.0)
-            pos_tokens = batch.draw_exact(k) if self.needs_exact else None
+            pos_tokens, w_pos = None, None
+            if self.positives == "exact":
+                pos_tokens = batch.draw_exact(k)
+            elif self.positives == "csmc":
+                g = batch.n_groups
+                if k // g < 2:
+                    raise ConfigError(
+                        "method.positives=csmc needs at least 2 particles per o; raise "
+                        "method.particles_per_cond (the paper: 4)"
+                    )
+                # one exact sample per SMC run: the pair's s of each o group, or one pool draw
+                pins = batch.draw_exact(k)[:: k // g] if batch.cond is not None else None
+                pins = batch.draw_exact(1) if pins is None else pins
+                csmc = batch.sample(ess_threshold=1.0, pinned=pins)
+                pos_tokens, w_pos = csmc.tokens, batch.normalize(csmc.log_w)
+                pos_ess = ess(csmc.log_w) / k
 
         # Negatives (and SIS positives): one teacher-forced pass on the SIS particles.
         log_p0_all, log_psi_all = model.forward_full(prompt, sis.tokens, batch.cond)
@@ -73,8 +93,11 @@ class CTL:
             pos_ess = ess(sis.log_w) / k
         else:
             _, log_psi_pos_all = model.forward_full(prompt, pos_tokens, batch.cond)
-            pos = log_psi_pos_all.gather(-1, pos_tokens.unsqueeze(-1)).squeeze(-1).mean(0)
-            pos_ess = 1.0
+            log_psi_pos = log_psi_pos_all.gather(-1, pos_tokens.unsqueeze(-1)).squeeze(-1)
+            if w_pos is None:  # exact positives, uniform weights
+                pos, pos_ess = log_psi_pos.mean(0), 1.0
+            else:
+                pos = _weighted_sum(w_pos[:, None], log_psi_pos)
         loss = -(pos - neg).mean()
 
         metrics = {
