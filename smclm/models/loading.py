@@ -58,6 +58,49 @@ def check_architecture(config: Any, suffixes: str | tuple[str, ...], what: str, 
         )
 
 
+def load_pretrained(
+    name: str,
+    key: str,
+    model_cls: Any,
+    suffixes: str | tuple[str, ...],
+    kind: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, Any]:
+    """A frozen model of ``model_cls`` (an ``AutoModelFor…``) and its tokenizer from a Hub name or
+    a local directory, refused with one line (naming ``key``) when it is missing, cannot be
+    loaded, or its saved architecture does not end with ``suffixes`` (it is not ``kind``)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = os.path.expanduser(name)
+    # A Hub name is "name" or "org/name"; anything path-like must be an existing directory.
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not os.path.isdir(path):
+        raise ModelLoadError(
+            f"{key}={name}: no such directory; give an existing directory or a Hugging Face "
+            "model name"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path)
+        check_architecture(config, suffixes, f"{key}={name}", kind)
+        tok = AutoTokenizer.from_pretrained(path)
+        model = model_cls.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"could not load {key}={name} ({first}); give a local directory with "
+            "config.json and weights, or a Hub name while online (HF_HUB_OFFLINE unset)"
+        ) from e
+    return _frozen(model, dtype, device), tok
+
+
+def _frozen(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    model = model.to(device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def load_base_model(
     name: str,
     dtype: torch.dtype = torch.float32,
@@ -69,35 +112,18 @@ def load_base_model(
         from smclm.models.toy import build_toy_world
 
         model, tok = build_toy_world(**(toy or {}))
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        return _frozen(model, dtype, device), tok
+    from transformers import AutoModelForCausalLM
 
-        # A Hub name is "name" or "org/name"; anything path-like must be an existing directory.
-        looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-        if looks_local and not os.path.isdir(os.path.expanduser(name)):
-            raise ModelLoadError(
-                f"model.name={name}: no such directory; give an existing model "
-                "directory or a Hugging Face model name"
-            )
-        try:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(os.path.expanduser(name))
-            check_architecture(
-                config, ("ForCausalLM", "LMHeadModel"), f"model.name={name}", "a causal LM"
-            )
-            tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-            model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(
-                f"could not load model.name={name} ({first}); give a local directory with "
-                "config.json and weights, or a Hub name while online (HF_HUB_OFFLINE unset)"
-            ) from e
-    model = model.to(device=device, dtype=dtype).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, tok
+    return load_pretrained(
+        name,
+        "model.name",
+        AutoModelForCausalLM,
+        ("ForCausalLM", "LMHeadModel"),
+        "a causal LM",
+        dtype,
+        device,
+    )
 
 
 def build_twist(

@@ -8,49 +8,29 @@ classifier's device. Logits come back as float32 [N, C].
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from smclm.models.loading import ModelLoadError, check_architecture
+from smclm.models.loading import load_pretrained
 
 
 def load_classifier(
     name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, Any]:
     """A frozen ``AutoModelForSequenceClassification`` and its tokenizer: Hub name or local dir."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    path = os.path.expanduser(name)
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not os.path.isdir(path):
-        raise ModelLoadError(
-            f"task.classifier={name}: no such directory; give an existing classifier "
-            "directory or a Hugging Face model name"
-        )
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"could not load task.classifier={name} ({first}); give a local directory with "
-            "config.json and weights, or a Hub name while online (HF_HUB_OFFLINE unset)"
-        ) from e
-    check_architecture(
-        config, "ForSequenceClassification", f"task.classifier={name}", "a sequence classifier"
+    return load_pretrained(
+        name,
+        "task.classifier",
+        AutoModelForSequenceClassification,
+        "ForSequenceClassification",
+        "a sequence classifier",
+        dtype,
+        device,
     )
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"could not load task.classifier={name} ({first})") from e
-    model = model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, tok
 
 
 class TextClassifier:
