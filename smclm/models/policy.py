@@ -17,13 +17,14 @@ features a value head (PPO) or flow head reads, and ``feature_dim``. Kinds (base
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from smclm.models.cache import reorder_cache
 from smclm.models.lora import add_lora
-from smclm.models.twist import Head, HeadTwist, SeparateTwist, TwistState, _concat_cond
+from smclm.models.twist import Head, HeadTwist, SeparateTwist, TwistState
 
 POLICIES = ("full", "mlp_head", "separate_conditional", "lora")
 
@@ -32,37 +33,31 @@ POLICIES = ("full", "mlp_head", "separate_conditional", "lora")
 DEFAULT_LORA_TARGETS = ["c_attn", "c_proj", "c_fc", "q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-class HeadPolicy(HeadTwist):
+class _ResidualHead:
+    """What ``mlp_head`` and ``separate_conditional`` add to their twist classes: residual logits
+    and the head's input as the features (a value head or flow head reads them)."""
+
+    residual = True
+    head: Head  # provided by the twist class it is mixed into, with ``features``
+    features: Callable[[Tensor, Tensor, int, Tensor | None], Tensor]
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.head.net[0].in_features)
+
+    def full_with_features(
+        self, input_ids: Tensor, base_hidden: Tensor, start: int, cond: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        x = self.features(input_ids, base_hidden, start, cond)
+        return self.head(x), x
+
+
+class HeadPolicy(_ResidualHead, HeadTwist):
     """``mlp_head`` (and its conditional form): a residual MLP on the frozen base's hidden state."""
 
-    residual = True
 
-    @property
-    def feature_dim(self) -> int:
-        return int(self.head.net[0].in_features)
-
-    def full_with_features(
-        self, input_ids: Tensor, base_hidden: Tensor, start: int, cond: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        x = _concat_cond(base_hidden[:, start:], self.encode_cond(cond))
-        return self.head(x), x
-
-
-class SeparatePolicy(SeparateTwist):
+class SeparatePolicy(_ResidualHead, SeparateTwist):
     """``separate_conditional``: a trainable body copy plus a residual MLP on [h^θ ; g^θ(o)]."""
-
-    residual = True
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.head.net[0].in_features)
-
-    def full_with_features(
-        self, input_ids: Tensor, base_hidden: Tensor, start: int, cond: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        h = self.body(input_ids=input_ids).last_hidden_state[:, start:]
-        x = _concat_cond(h, self.encode_cond(cond))
-        return self.head(x), x
 
 
 class FullPolicy(nn.Module):

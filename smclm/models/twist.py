@@ -141,8 +141,12 @@ class HeadTwist(nn.Module):
         if state.cond_h is not None:
             state.cond_h = state.cond_h[ancestors]
 
+    def features(self, input_ids: Tensor, base_hidden: Tensor, start: int, cond: Tensor | None):
+        """The head's input at every output step (teacher-forced): [N, T, d (+ d_c)]."""
+        return _concat_cond(base_hidden[:, start:], self.encode_cond(cond))
+
     def full(self, input_ids: Tensor, base_hidden: Tensor, start: int, cond: Tensor | None):
-        return self.head(_concat_cond(base_hidden[:, start:], self.encode_cond(cond)))
+        return self.head(self.features(input_ids, base_hidden, start, cond))
 
 
 class SeparateTwist(nn.Module):
@@ -177,9 +181,13 @@ class SeparateTwist(nn.Module):
         if state.cond_h is not None:
             state.cond_h = state.cond_h[ancestors]
 
-    def full(self, input_ids: Tensor, base_hidden: Tensor, start: int, cond: Tensor | None):
+    def features(self, input_ids: Tensor, base_hidden: Tensor, start: int, cond: Tensor | None):
+        """The head's input at every output step (teacher-forced, own body): [N, T, d (+ d_c)]."""
         h = self.body(input_ids=input_ids).last_hidden_state[:, start:]
-        return self.head(_concat_cond(h, self.encode_cond(cond)))
+        return _concat_cond(h, self.encode_cond(cond))
+
+    def full(self, input_ids: Tensor, base_hidden: Tensor, start: int, cond: Tensor | None):
+        return self.head(self.features(input_ids, base_hidden, start, cond))
 
 
 class TabularTwist(nn.Module):
