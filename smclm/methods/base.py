@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from smclm.errors import ConfigError
 from smclm.models.twisted_lm import TwistedLM
-from smclm.smc.sampler import SMCResult, run_smc
+from smclm.smc.sampler import SMCResult, ess, run_smc
 from smclm.tasks.base import Task
 
 
@@ -100,6 +100,21 @@ class TrainContext:
                 )
             )
         return runs[0] if len(runs) == 1 else _concat_runs(runs)
+
+    def weighted_positives(
+        self, exact: bool, ess_threshold: float
+    ) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """Positive samples with self-normalised weights: K exact target samples with uniform
+        weights, or a SIS (ess_threshold=0) / SMC (1) run with its normalised final weights.
+        Returns (tokens [K, T], w̄ [K], metrics train/ess_frac and, sampled, train/log_z_hat).
+        Call under torch.no_grad()."""
+        k = self.n_particles
+        if exact:
+            tokens = self.draw_exact(k)
+            return tokens, torch.full((k,), 1.0 / k, device=tokens.device), {"train/ess_frac": 1.0}
+        run = self.sample(ess_threshold=ess_threshold)
+        metrics = {"train/ess_frac": ess(run.log_w) / k, "train/log_z_hat": run.log_z_hat}
+        return run.tokens, self.normalize(run.log_w), metrics
 
     def draw_exact(self, k: int) -> Tensor:
         """k exact target samples drawn uniformly (with replacement) from the pool: [k, T].

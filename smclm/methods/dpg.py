@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from smclm.methods.base import TrainContext, check_positives, require_twist
-from smclm.smc.sampler import ess
 
 POSITIVES = ("sis", "exact")
 
@@ -37,20 +36,11 @@ class DPG:
         self.needs_exact = positives == "exact"
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
-        model, task, k = batch.model, batch.task, batch.n_particles
+        model, task = batch.model, batch.task
         require_twist("dpg", model)
         prompt = task.prompt_ids
-        metrics: dict[str, float] = {}
         with torch.no_grad():
-            if self.needs_exact:
-                tokens = batch.draw_exact(k)
-                w = torch.full((k,), 1.0 / k, device=tokens.device)
-                metrics["train/ess_frac"] = 1.0
-            else:
-                sis = batch.sample(ess_threshold=0.0)
-                tokens, w = sis.tokens, batch.normalize(sis.log_w)
-                metrics["train/ess_frac"] = ess(sis.log_w) / k
-                metrics["train/log_z_hat"] = sis.log_z_hat
+            tokens, w, metrics = batch.weighted_positives(self.needs_exact, ess_threshold=0.0)
 
         log_p0_all, log_psi_all = model.forward_full(prompt, tokens, batch.cond)
         log_psi = log_psi_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [K, T]

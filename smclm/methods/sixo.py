@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from smclm.methods.base import TrainContext, check_positives, require_twist
-from smclm.smc.sampler import ess
 
 POSITIVES = ("smc", "exact")
 
@@ -44,20 +43,13 @@ class SIXO:
         self.needs_exact = positives == "exact"
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
-        model, task, k = batch.model, batch.task, batch.n_particles
+        model, task = batch.model, batch.task
         require_twist("sixo", model)
         prompt = task.prompt_ids
-        metrics: dict[str, float] = {}
         with torch.no_grad():
-            if self.needs_exact:
-                pos_tokens = batch.draw_exact(k)
-                w_pos = torch.full((k,), 1.0 / k, device=pos_tokens.device)
-                metrics["train/ess_frac"] = 1.0
-            else:
-                smc = batch.sample(ess_threshold=1.0)
-                pos_tokens, w_pos = smc.tokens, batch.normalize(smc.log_w)
-                metrics["train/ess_frac"] = ess(smc.log_w) / k
-                metrics["train/log_z_hat"] = smc.log_z_hat
+            pos_tokens, w_pos, metrics = batch.weighted_positives(
+                self.needs_exact, ess_threshold=1.0
+            )
             neg_tokens = batch.sample(ess_threshold=0.0, p0=True, potential=False).tokens
 
         _, log_psi_pos_all = model.forward_full(prompt, pos_tokens, batch.cond)
