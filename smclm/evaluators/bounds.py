@@ -240,36 +240,23 @@ def evaluate_bounds(
                     continue
                 c_i = None if cond_rows is None else cond_rows[i : i + 1].expand(k, -1).to(dev)
                 log_phi = task.bind(c_i)
-                run = run_smc(
-                    model,
-                    prompt,
-                    t_len,
-                    log_phi,
-                    k,
+                smc_args: dict = dict(
                     proposal=proposal,
                     resampling=resampling,
                     ess_threshold=1.0,
                     cond=c_i,
                     generator=generator,
                 )
-                per_bound["lower_smc"].append(run.log_z_hat)
+                lower = run_smc(model, prompt, t_len, log_phi, k, **smc_args).log_z_hat
+                per_bound["lower_smc"].append(lower)
                 if k == 1:  # cSMC with one particle: Ẑ is the pinned sample's own weight
-                    per_bound["upper_smc"].append(float(sigma_log_w[i]))
+                    upper = float(sigma_log_w[i])
                 else:
-                    csmc = run_smc(
-                        model,
-                        prompt,
-                        t_len,
-                        log_phi,
-                        k,
-                        proposal=proposal,
-                        resampling=resampling,
-                        ess_threshold=1.0,
-                        pinned=exact_samples[i].to(dev),
-                        cond=c_i,
-                        generator=generator,
-                    )
-                    per_bound["upper_smc"].append(csmc.log_z_hat)
+                    pinned = exact_samples[i].to(dev)
+                    upper = run_smc(
+                        model, prompt, t_len, log_phi, k, pinned=pinned, **smc_args
+                    ).log_z_hat
+                per_bound["upper_smc"].append(upper)
                 bar.update(1)
             for b, vals in per_bound.items():
                 mean, se = mean_se(vals)

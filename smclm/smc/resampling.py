@@ -146,12 +146,8 @@ def multinomial(log_w: Tensor, n: int, generator: torch.Generator | None = None)
     Raises:
         ValueError: if all log-weights are ``-inf`` or any is NaN / ``+inf``.
     """
-    n = _check_n(n)
-    cdf, last = _normalised_cdf(log_w)
-    u = _uniform(n, generator, cdf.device)
-    # Sorting the points gives sorted ancestors without changing the distribution of counts.
-    u, _ = torch.sort(u)
-    return _invert(cdf, last, u)
+    # The inverse CDF is monotone, so sorting the ancestors equals sorting the points first.
+    return torch.sort(multinomial_unsorted(log_w, n, generator)).values
 
 
 def multinomial_unsorted(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
