@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from smclm.errors import ConfigError
 from smclm.models.twisted_lm import TwistedLM
-from smclm.smc.sampler import SMCResult, ess, run_smc
+from smclm.smc.sampler import SMCResult, ess, no_potential, run_smc
 from smclm.tasks.base import Task
 
 
@@ -89,7 +89,7 @@ class TrainContext:
                     model,
                     self.task.prompt_ids,
                     self.task.output_len,
-                    self.task.bind(c) if potential else _no_potential,
+                    self.task.bind(c) if potential else no_potential,
                     rows.numel(),
                     resampling=self.resampling,
                     ess_threshold=ess_threshold,
@@ -134,10 +134,6 @@ class TrainContext:
             device=self.generator.device,
         )
         return self.exact_pool[idx.to(self.exact_pool.device)].to(self.model.device)
-
-
-def _no_potential(tokens: Tensor) -> Tensor:
-    return torch.zeros(tokens.shape[0], device=tokens.device)
 
 
 def _concat_runs(runs: list[SMCResult]) -> SMCResult:

@@ -42,11 +42,6 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _no_potential(tokens: Tensor) -> Tensor:
-    """log φ ≡ 0 while sampling from p₀ (φ is evaluated afterwards), so a φ = 0 batch cannot abort."""
-    return torch.zeros(tokens.shape[0], device=tokens.device)
-
-
 class FUDGE:
     """BCE on p₀ samples with soft labels φ. Options: ``positives`` = ``p0`` (default) | ``sis``,
     two names for the same thing (the method config group's shared key; FUDGE always uses p₀)."""

@@ -28,11 +28,6 @@ from smclm.methods.base import TrainContext, check_positives, require_twist
 POSITIVES = ("smc", "exact")
 
 
-def _no_potential(tokens: Tensor) -> Tensor:
-    """log φ ≡ 0: p₀ samples need no weights, and this keeps an all-zero φ from aborting the run."""
-    return torch.zeros(tokens.shape[0], device=tokens.device)
-
-
 class SIXO:
     """Density-ratio classification. Options: ``positives`` = ``smc`` (default) | ``exact``."""
 

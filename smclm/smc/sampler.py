@@ -301,6 +301,11 @@ def run_smc(
     )
 
 
+def no_potential(tokens: Tensor) -> Tensor:
+    """log φ ≡ 0 (p₀ samples that need no weight; an all-zero φ cannot abort such a run)."""
+    return torch.zeros(tokens.shape[0], device=tokens.device)
+
+
 def log_mean_exp(x: Tensor) -> float:
     """log((1/n) Σ exp x) over a 1-D tensor."""
     return float(torch.logsumexp(x.double(), 0) - math.log(x.numel()))

@@ -45,7 +45,7 @@ class Task:
         self, model: Any, n: int, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         """n exact pairs (s [n, T], o [n, c]) for a conditional task: T + c tokens from p₀."""
-        from smclm.smc.sampler import run_smc
+        from smclm.smc.sampler import no_potential, run_smc
 
         if not self.cond_len:
             raise ValueError(f"task '{self.name}' has no conditioning tokens to sample")
@@ -54,7 +54,7 @@ class Task:
             model.with_twist(None),
             self.prompt_ids,
             t_len + self.cond_len,
-            lambda tokens: torch.zeros(tokens.shape[0], device=tokens.device),
+            no_potential,
             n,
             ess_threshold=0.0,
             generator=generator,
