@@ -258,3 +258,26 @@ def split_pool(task: Task, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     if not task.cond_len:
         return pool, None
     return pool[:, :t_len], pool[:, t_len : t_len + task.cond_len]
+
+
+def world_for(cfg: DictConfig, command_keys: tuple[str, ...]) -> tuple[World, DictConfig, Any]:
+    """The world a command works on: the configured one, or with ``run=<dir>`` the run's own
+    (its config fixes model, task, twist and policy; the command's ``command_keys`` settings
+    win) with the chosen or newest checkpoint loaded. Returns (world, config, checkpoint|None)."""
+    from pathlib import Path
+
+    from smclm.checkpoint import find_checkpoint, load_params
+    from smclm.config import validate
+
+    if not cfg.get("run"):
+        validate(cfg)
+        return build_world(cfg), cfg, None
+    ckpt = find_checkpoint(cfg.run, cfg.get("checkpoint"))
+    run_cfg = OmegaConf.load(Path(cfg.run) / "config.yaml")
+    for key in command_keys:
+        if key in cfg:
+            run_cfg[key] = cfg[key]
+    validate(run_cfg)
+    world = build_world(run_cfg)
+    load_params(ckpt, world.model.trainables())
+    return world, run_cfg, ckpt

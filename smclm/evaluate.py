@@ -12,9 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from smclm.build import World, build_world, exact_pool, split_pool
-from smclm.checkpoint import find_checkpoint, load_params
-from smclm.config import validate
+from smclm.build import World, exact_pool, split_pool, world_for
 from smclm.evaluators.exact import ExactSolution, check_enumerable, exact_metrics, solve
 from smclm.tracking import write_json_atomic
 
@@ -120,23 +118,10 @@ class Evaluator:
 
 def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float | str]:
     """`smclm eval`: evaluate a run's checkpoint, or the configured model/task/twist."""
-    if cfg.get("run"):
-        ckpt = find_checkpoint(cfg.run, cfg.get("checkpoint"))
-        run_cfg = OmegaConf.load(Path(cfg.run) / "config.yaml")
-        # The run fixes model, task and twist; this command's evaluator/smc/device settings win.
-        for key in ("evaluator", "smc", "device", "exact_samples"):
-            if key in cfg:
-                run_cfg[key] = cfg[key]
-        validate(run_cfg)
-        world = build_world(run_cfg)
-        load_params(ckpt, world.model.trainables())
+    # The run fixes model, task and twist; this command's evaluator/smc/device settings win.
+    world, eval_cfg, ckpt = world_for(cfg, ("evaluator", "smc", "device", "exact_samples"))
+    if ckpt is not None:
         out_dir = Path(cfg.run) / "eval"
-        eval_cfg = run_cfg
-    else:
-        validate(cfg)
-        world = build_world(cfg)
-        eval_cfg = cfg
-        ckpt = None
     evaluator = Evaluator(eval_cfg, world, None)  # checks enumerability before any sampling
     if evaluator.needs_pool:
         evaluator.pool = exact_pool(eval_cfg, world)

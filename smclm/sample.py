@@ -3,34 +3,16 @@ exact-sample cache ahead of training)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from smclm.build import World, build_world, exact_pool
-from smclm.checkpoint import find_checkpoint, load_params
+from smclm.build import World, build_world, exact_pool, world_for
 from smclm.config import validate
 from smclm.smc.sampler import run_smc
 
 
-def world_for(cfg: DictConfig) -> tuple[World, DictConfig]:
-    """The configured world, or a trained run's world with its checkpointed twist."""
-    if not cfg.get("run"):
-        validate(cfg)
-        return build_world(cfg), cfg
-    ckpt = find_checkpoint(cfg.run, cfg.get("checkpoint"))
-    run_cfg = OmegaConf.load(Path(cfg.run) / "config.yaml")
-    for key in ("smc", "device"):
-        run_cfg[key] = cfg[key]
-    validate(run_cfg)
-    world = build_world(run_cfg)
-    load_params(ckpt, world.model.trainables())
-    return world, run_cfg
-
-
 def sample(cfg: DictConfig) -> None:
-    world, wcfg = world_for(cfg)
+    world, wcfg, _ = world_for(cfg, ("smc", "device"))
     n = int(cfg.n)
     if n < 1:
         raise ValueError(f"n={n} must be a positive number of particles")
