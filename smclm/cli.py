@@ -29,7 +29,13 @@ commands:
 Hydra options work after the command: -m (multirun), --cfg job, --help.
 """
 
-CONFIG_PATH = "configs"
+def _config_path() -> str:
+    from smclm.config import config_dir
+
+    return str(config_dir())  # absolute: configs/ is installed as smclm.configs
+
+
+CONFIG_PATH = _config_path()
 
 
 def _fail(msg: str) -> None:

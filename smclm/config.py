@@ -14,7 +14,9 @@ GROUPS = ("task", "model", "method", "twist", "smc", "evaluator", "logger", "exp
 
 
 def config_dir() -> Path:
-    return Path(str(resources.files("smclm") / "configs"))
+    """The Hydra config tree: ``configs/`` at the top of the repository, installed as the
+    package ``smclm.configs`` (see pyproject.toml)."""
+    return Path(str(resources.files("smclm.configs")))
 
 
 def group_options(group: str) -> list[str]:
