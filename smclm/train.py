@@ -168,7 +168,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     )
     try:
         if ckpt is None:  # the first evaluation always runs before any update
-            last_eval = _evaluate(evaluator, tracker, step)
+            last_eval = _evaluate(evaluator, tracker, step, meter)
             checkpoint()
         while step < updates:
             t0 = time.perf_counter()
@@ -186,7 +186,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             last_train = {**metrics, **meter.end(), "time/update_s": time.perf_counter() - t0}
             tracker.log(step, last_train)
             if step in schedule:
-                last_eval = _evaluate(evaluator, tracker, step)
+                last_eval = _evaluate(evaluator, tracker, step, meter)
                 checkpoint()
             bar.update(1)
             bar.set_postfix(_postfix(last_train, last_eval))
@@ -232,11 +232,16 @@ def _draw_conditioning(batch: TrainContext, cfg: DictConfig, world: Any) -> None
     batch.exact_pool = s.repeat_interleave(group, dim=0)
 
 
-def _evaluate(evaluator: Evaluator, tracker: Tracker, step: int) -> dict[str, Any]:
+def _evaluate(
+    evaluator: Evaluator, tracker: Tracker, step: int, meter: ComputeMeter
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     metrics = evaluator(step)
     if metrics:
         metrics["time/eval_s"] = time.perf_counter() - t0
+        # the running compute totals at this evaluation: `smclm table --at` compares methods at
+        # equal compute by picking each run's last evaluation within a budget
+        metrics.update(meter.totals())
         tracker.log(step, metrics)
     return metrics
 
