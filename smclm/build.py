@@ -125,7 +125,14 @@ def build_world(cfg: DictConfig) -> World:
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.model.dtype), device)
     toy = OmegaConf.to_container(cfg.model.toy) if "toy" in cfg.model else None
-    base, tokenizer = load_base_model(str(cfg.model.name), dtype, device, toy)  # type: ignore[arg-type]
+    gguf = cfg.model.get("gguf_file")
+    base, tokenizer = load_base_model(
+        str(cfg.model.name),
+        dtype,
+        device,
+        toy,  # type: ignore[arg-type]
+        gguf_file=None if gguf is None else str(gguf),
+    )
     set_threads(cfg.get("threads", "auto"), base, device)
     squash = cfg.method.get("twist_squash") or cfg.twist.squash
     # Policy learners (PPO, GFlowNet) have no twists, except a SubTB GFlowNet whose flow head is

@@ -80,6 +80,10 @@ def load_pretrained(
             f"{key}={name}: no such directory; give an existing directory or a Hugging Face "
             "model name"
         )
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise for a sub-second step
     try:
         config = AutoConfig.from_pretrained(path)
         check_architecture(config, suffixes, f"{key}={name}", kind)
@@ -91,6 +95,9 @@ def load_pretrained(
             f"could not load {key}={name} ({first}); give a local directory with "
             "config.json and weights, or a Hub name while online (HF_HUB_OFFLINE unset)"
         ) from e
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return _frozen(model, dtype, device), tok
 
 
@@ -106,8 +113,15 @@ def load_base_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     toy: dict[str, Any] | None = None,
+    gguf_file: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """A frozen causal LM and its tokenizer: ``name`` is a Hub name, a local directory, or 'toy'."""
+    """A frozen causal LM and its tokenizer (the ``model`` config's name, dtype, toy, gguf_file).
+
+    name: a Hub name, a local directory, 'toy' (the in-process toy world), or a packaged GGUF
+    model (``smclm.models.gguf.PACKAGED``: 'smollm2'). gguf_file: a GGUF file inside the
+    directory ``name``. GGUF checkpoints are dequantised once and cached (see
+    :mod:`smclm.models.gguf`); the model is then loaded from the cached directory.
+    """
     if name == "toy":
         from smclm.models.toy import build_toy_world
 
@@ -115,8 +129,14 @@ def load_base_model(
         return _frozen(model, dtype, device), tok
     from transformers import AutoModelForCausalLM
 
+    from smclm.models.gguf import dequantised_dir, resolve_gguf
+
+    path = name
+    gguf = resolve_gguf(name, gguf_file)
+    if gguf is not None:
+        path = str(dequantised_dir(gguf))
     return load_pretrained(
-        name,
+        path,
         "model.name",
         AutoModelForCausalLM,
         ("ForCausalLM", "LMHeadModel"),
