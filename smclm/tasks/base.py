@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from smclm.errors import PotentialError
+
 
 @dataclass
 class Task:
@@ -34,7 +36,23 @@ class Task:
         """log φ(s_1:T [, o]) for tokens [N, T] → [N] float32."""
         if self.cond_len and cond is None:
             raise ValueError(f"task '{self.name}' conditions on o; pass cond [N, {self.cond_len}]")
-        return self.potential(tokens, cond).float()
+        return self.checked(self.potential(tokens, cond).float())
+
+    def checked(self, log_phi: Tensor) -> Tensor:
+        """``log_phi`` [N] itself, or a PotentialError when some entries are NaN or +inf.
+
+        The potential is evaluated on full sequences, i.e. at the sampler's last step t = T;
+        −inf (φ = 0) is legal. One host sync per call (once per SMC run)."""
+        if bool((log_phi < float("inf")).all()):
+            return log_phi
+        n_nan = int(torch.isnan(log_phi).sum())
+        n_inf = int(torch.isposinf(log_phi).sum())
+        raise PotentialError(
+            f"task '{self.name}': log φ is NaN for {n_nan} and +inf for {n_inf} of "
+            f"{log_phi.shape[0]} particles at step t = T = {self.output_len} (where the potential "
+            "is evaluated); log φ must be finite or -inf (φ = 0): check the potential's settings "
+            "(e.g. task.beta, task.epsilon) and the model's dtype"
+        )
 
     def bind(self, cond: Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """log φ with the conditioning bound in, the form the sampler takes."""
@@ -80,4 +98,4 @@ class BoundPotential:
         if fn is None or self.cond is None:
             return None
         out = fn(model, ctx, tokens, self.cond)
-        return None if out is None else out.float()
+        return None if out is None else self.task.checked(out.float())
