@@ -11,6 +11,9 @@ and each of the first ``n_exact`` exact target samples σ^i:
 * SMC upper bound: log Ẑ of conditional SMC with particle 1 pinned to σ^i (for K = 1 this is
   the weight of σ^i itself, which is what the cSMC recursion gives with a single particle).
 
+The n_exact runs of each kind (SIS, SMC, cSMC) for a K go through the sampler as batched runs
+(one call, or chunks of at most ``max_batch_particles`` rows), not one call per exact sample.
+
 Each bound is averaged over the n_exact repetitions; ``_se`` keys are standard errors of those
 means (sample sd with ddof=1 over √n; NaN when n_exact = 1). A lower bound is below log Z in
 expectation and an upper bound above it, so the averages bracket log Z up to noise.
@@ -49,8 +52,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from smclm.errors import ConfigError
 from smclm.models.twisted_lm import TwistedLM
-from smclm.smc.sampler import log_mean_exp, run_smc
+from smclm.smc.sampler import SMCResult, log_mean_exp, run_smc
 from smclm.tasks.base import Task
 
 PREFIXES = {"twist": "bounds", "p0": "bounds_p0"}
@@ -112,6 +116,44 @@ def exact_sample_log_weights(
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+def _chunks(n_runs: int, k: int, max_batch: int, runs_per_call: int | None) -> list[range]:
+    """Consecutive runs per sampler call: as many as fit in max(max_batch, K) particles (or
+    ``runs_per_call``, when given, within that budget)."""
+    per_call = max(1, max_batch // k)
+    if runs_per_call is not None:
+        per_call = max(1, min(per_call, int(runs_per_call)))
+    return [range(i, min(i + per_call, n_runs)) for i in range(0, n_runs, per_call)]
+
+
+def _run_chunk(
+    model: TwistedLM,
+    task: Task,
+    k: int,
+    runs: range,
+    cond_rows: Tensor | None,
+    pinned: Tensor | None,
+    **smc_args,
+) -> SMCResult:
+    """One batched sampler call: runs ``runs`` of K particles, run i with cond row i (broadcast
+    to its K particles) and, for conditional SMC, exact sample ``pinned[i]`` in its slot 0."""
+    dev = model.device
+    c = None
+    if cond_rows is not None:
+        c = cond_rows[runs.start : runs.stop].repeat_interleave(k, dim=0).to(dev)
+    pins = None if pinned is None else pinned[runs.start : runs.stop].to(dev)
+    return run_smc(
+        model,
+        task.prompt_ids,
+        task.output_len,
+        task.bind(c),
+        k,
+        cond=c,
+        pinned=pins,
+        n_runs=len(runs),
+        **smc_args,
+    )
+
+
 def _sis_log_weights(
     model: TwistedLM,
     task: Task,
@@ -125,29 +167,63 @@ def _sis_log_weights(
 ) -> Tensor:
     """Final log-weights [n_runs, K] (float64, CPU) of n_runs independent SIS runs of K particles.
 
-    Runs are stacked into SIS calls of at most max(max_batch, K) particles; run i uses cond row i.
+    Runs are batched into sampler calls of at most max(max_batch, K) particles; run i uses cond
+    row i.
     """
-    per_call = max(1, max_batch // k)
     out = []
-    dev = model.device
-    for start in range(0, n_runs, per_call):
-        r = min(per_call, n_runs - start)
-        c = None
-        if cond_rows is not None:
-            c = cond_rows[start : start + r].repeat_interleave(k, dim=0).to(dev)
-        res = run_smc(
+    for runs in _chunks(n_runs, k, max_batch, None):
+        res = _run_chunk(
             model,
-            task.prompt_ids,
-            task.output_len,
-            task.bind(c),
-            r * k,
+            task,
+            k,
+            runs,
+            cond_rows,
+            None,
             proposal=proposal,
             resampling=resampling,
             ess_threshold=0.0,
-            cond=c,
             generator=generator,
         )
-        out.append(res.log_w.double().cpu().view(r, k))
+        out.append(res.log_w.double().cpu().view(len(runs), k))
+    return torch.cat(out)
+
+
+def smc_log_z_hats(
+    model: TwistedLM,
+    task: Task,
+    k: int,
+    n_runs: int,
+    *,
+    cond_rows: Tensor | None,
+    pinned: Tensor | None,
+    proposal: str,
+    resampling: str,
+    generator: torch.Generator,
+    max_batch: int,
+    runs_per_call: int | None = None,
+    on_chunk=None,
+) -> Tensor:
+    """log Ẑ [n_runs] (float64, CPU) of n_runs independent SMC runs of K particles resampling
+    at every step (pinned [n_runs, T]: conditional SMC, run i around exact sample i), batched
+    into sampler calls of at most max(max_batch, K) particles (``runs_per_call=1``: one call
+    per run, as before batching)."""
+    out = []
+    for runs in _chunks(n_runs, k, max_batch, runs_per_call):
+        res = _run_chunk(
+            model,
+            task,
+            k,
+            runs,
+            cond_rows,
+            pinned,
+            proposal=proposal,
+            resampling=resampling,
+            ess_threshold=1.0,
+            generator=generator,
+        )
+        out.append(res.log_z_hats.double().cpu())
+        if on_chunk is not None:
+            on_chunk(len(runs))
     return torch.cat(out)
 
 
@@ -172,14 +248,18 @@ def evaluate_bounds(
     n_g_q: int | None = None,
     cond: Tensor | None = None,
     progress: bool = False,
-    sis_batch: int = 4096,
+    max_batch_particles: int = 4096,
     smc: bool = True,
+    smc_runs_per_call: int | None = None,
 ) -> dict[str, float | str]:
     """Bounds on log Z for every proposal and K, F_q, G_q, a log Z estimate and the two KLs.
 
-    See the module docstring for the protocol and the metric keys. ``sis_batch``: the most
-    particles per SIS call (independent SIS runs are stacked into one call up to this size).
-    ``smc=False`` skips the SMC/cSMC bounds (a learned policy without twists: SMC with ψ ≡ 1
+    See the module docstring for the protocol and the metric keys. ``max_batch_particles``: the
+    most particles (rows) per sampler call: the n_exact independent SIS runs, SMC runs and
+    conditional SMC runs of a K are each batched into as few calls as fit (a single run of K
+    particles when K alone exceeds it), which bounds the memory (KV caches, [rows, V] logits).
+    ``smc_runs_per_call=1`` runs the SMC/cSMC bounds one exact sample at a time (the loop before
+    batching; for benchmarks). ``smc=False`` skips the SMC/cSMC bounds (a learned policy without twists: SMC with ψ ≡ 1
     would resample towards p₀, not towards σ).
     """
     names = BOUND_NAMES if smc else ("lower_sis", "upper_sis")
@@ -202,62 +282,68 @@ def evaluate_bounds(
     if n_g < 1:
         raise ValueError(f"n_g_q must be positive, got {n_g_q}")
     cond_rows = _cond_rows(cond, m)
-    prompt = task.prompt_ids
-    t_len = task.output_len
-    dev = model.device
-
     metrics: dict[str, float | str] = {}
     f_q_values: Tensor | None = None
+    if max_batch_particles < 1:
+        raise ConfigError(
+            f"evaluator.max_batch_particles={max_batch_particles} must be a positive number of "
+            "particles per sampler call (e.g. 4096)"
+        )
     bar = tqdm(
-        total=len(proposals) * len(ks) * n_exact,
+        total=len(proposals) * len(ks) * (2 * n_exact if smc else 1),
         desc="log Z bounds",
         disable=not progress,
         leave=False,
     )
+    pins = exact_samples[:n_exact]
     for proposal in proposals:
         prefix = PREFIXES[proposal]
         # log w of the exact samples under this proposal (independent of K)
         sigma_log_w = exact_sample_log_weights(
             model,
             task,
-            exact_samples[:n_exact],
+            pins,
             cond=None if cond_rows is None else cond_rows[:n_exact],
             proposal=proposal,
         )
         for k in ks:
-            per_bound: dict[str, list[float]] = {b: [] for b in names}
-            # SIS particles are independent, so the n_exact SIS runs go in batches of runs
+            per_bound: dict[str, list[float]] = {}
+            # The n_exact SIS runs, SMC runs and cSMC runs of this K: each in batched calls.
             sis_log_w = _sis_log_weights(
-                model, task, k, n_exact, cond_rows, proposal, resampling, generator, sis_batch
+                model,
+                task,
+                k,
+                n_exact,
+                cond_rows,
+                proposal,
+                resampling,
+                generator,
+                max_batch_particles,
             )  # [n_exact, K]
-            for i in range(n_exact):
-                per_bound["lower_sis"].append(log_mean_exp(sis_log_w[i]))
-                per_bound["upper_sis"].append(
-                    log_mean_exp(_replace_first(sis_log_w[i], sigma_log_w[i]))
-                )
-                if not smc:
-                    bar.update(1)
-                    continue
-                c_i = None if cond_rows is None else cond_rows[i : i + 1].expand(k, -1).to(dev)
-                log_phi = task.bind(c_i)
+            if not smc:
+                bar.update(1)
+            per_bound["lower_sis"] = [log_mean_exp(sis_log_w[i]) for i in range(n_exact)]
+            per_bound["upper_sis"] = [
+                log_mean_exp(_replace_first(sis_log_w[i], sigma_log_w[i])) for i in range(n_exact)
+            ]
+            if smc:
                 smc_args: dict = dict(
+                    cond_rows=cond_rows,
                     proposal=proposal,
                     resampling=resampling,
-                    ess_threshold=1.0,
-                    cond=c_i,
                     generator=generator,
+                    max_batch=max_batch_particles,
+                    runs_per_call=smc_runs_per_call,
+                    on_chunk=bar.update,
                 )
-                lower = run_smc(model, prompt, t_len, log_phi, k, **smc_args).log_z_hat
-                per_bound["lower_smc"].append(lower)
+                lower = smc_log_z_hats(model, task, k, n_exact, pinned=None, **smc_args)
+                per_bound["lower_smc"] = lower.tolist()
                 if k == 1:  # cSMC with one particle: Ẑ is the pinned sample's own weight
-                    upper = float(sigma_log_w[i])
+                    upper = sigma_log_w.double()
+                    bar.update(n_exact)
                 else:
-                    pinned = exact_samples[i].to(dev)
-                    upper = run_smc(
-                        model, prompt, t_len, log_phi, k, pinned=pinned, **smc_args
-                    ).log_z_hat
-                per_bound["upper_smc"].append(upper)
-                bar.update(1)
+                    upper = smc_log_z_hats(model, task, k, n_exact, pinned=pins, **smc_args)
+                per_bound["upper_smc"] = upper.tolist()
             for b, vals in per_bound.items():
                 mean, se = mean_se(vals)
                 metrics[f"{prefix}/k{k}/log_z_{b}"] = mean

@@ -69,7 +69,8 @@ class TrainContext:
     ) -> SMCResult:
         """K (or n) particles for this update: SIS (ess_threshold=0) or SMC (1.0) from the
         proposal (the policy's, else the twisted one), or plain p₀ samples (p0=True). With
-        conditioning and resampling, each group of rows sharing an o is its own SMC run.
+        conditioning and resampling, each group of rows sharing an o is its own SMC run (all
+        of them in one batched sampler call; result.log_z_hat is their mean).
         potential=False skips log φ (result.log_phi is 0: for p₀ negatives that need no weight).
         pinned [G, T]: conditional SMC, one exact sample pinned in slot 0 of each group's run.
         Call under torch.no_grad()."""
@@ -81,25 +82,23 @@ class TrainContext:
         groups = 1 if cond is None or ess_threshold <= 0 else self.n_groups
         if pinned is not None and pinned.shape[0] != groups:
             raise ValueError(f"pinned has {pinned.shape[0]} rows for {groups} SMC runs")
-        runs = []
-        for g, rows in enumerate(torch.arange(n).chunk(groups)):
-            c = None if cond is None else cond[rows.to(cond.device)]
-            runs.append(
-                run_smc(
-                    model,
-                    self.task.prompt_ids,
-                    self.task.output_len,
-                    self.task.bind(c) if potential else no_potential,
-                    rows.numel(),
-                    resampling=self.resampling,
-                    ess_threshold=ess_threshold,
-                    cond=c,
-                    generator=self.generator,
-                    temperature=temperature,
-                    pinned=None if pinned is None else pinned[g],
-                )
-            )
-        return runs[0] if len(runs) == 1 else _concat_runs(runs)
+        if n % groups:
+            raise ValueError(f"{n} particles do not split into {groups} SMC runs (one per o)")
+        # All the runs (one per o group) in one batched sampler call.
+        return run_smc(
+            model,
+            self.task.prompt_ids,
+            self.task.output_len,
+            self.task.bind(cond) if potential else no_potential,
+            n // groups,
+            resampling=self.resampling,
+            ess_threshold=ess_threshold,
+            cond=cond,
+            generator=self.generator,
+            temperature=temperature,
+            pinned=pinned,
+            n_runs=groups,
+        )
 
     def weighted_positives(
         self, exact: bool, ess_threshold: float
@@ -134,20 +133,6 @@ class TrainContext:
             device=self.generator.device,
         )
         return self.exact_pool[idx.to(self.exact_pool.device)].to(self.model.device)
-
-
-def _concat_runs(runs: list[SMCResult]) -> SMCResult:
-    """One SMCResult from per-group runs (rows in order; log Ẑ averaged over the groups)."""
-    cat = lambda name: torch.cat([getattr(r, name) for r in runs])  # noqa: E731
-    return SMCResult(
-        cat("tokens"),
-        cat("log_w"),
-        sum(r.log_z_hat for r in runs) / len(runs),
-        cat("log_phi"),
-        cat("log_p0"),
-        cat("log_q"),
-        runs[0].infos,
-    )
 
 
 class Method(Protocol):

@@ -2,7 +2,10 @@
 
 Every resampler maps unnormalised log-weights of shape ``[N]`` (``N`` particles) to a
 LongTensor of ``n`` ancestor indices in ``[0, N)``; ``n`` may differ from ``N`` (conditional
-SMC draws ``N - 1``).  All schemes work by inverse-CDF lookup: uniform points in ``[0, 1)``
+SMC draws ``N - 1``). Log-weights ``[G, N]`` are G independent particle systems (one per row:
+the sampler's batched runs); the result is then ``[G, n]``, row g drawn from row g's weights
+alone, with indices local to the row. A 1-D input is the case G = 1 (the same draws, bit for
+bit, as the row of a ``[1, N]`` input).  All schemes work by inverse-CDF lookup: uniform points in ``[0, 1)``
 are located in the normalised cumulative weights with right-sided ``searchsorted``, so a
 zero-weight particle (log-weight ``-inf``), whose CDF interval is empty, is never selected.
 The returned ancestors are sorted in ascending order (``multinomial_unsorted``: in draw order).
@@ -47,54 +50,60 @@ def _normalised_cdf(log_w: Tensor) -> tuple[Tensor, Tensor]:
     """Validate log-weights and build their normalised CDF.
 
     Args:
-        log_w: ``[N]`` unnormalised log-weights (floating point; ``-inf`` means zero weight).
+        log_w: ``[N]`` unnormalised log-weights (floating point; ``-inf`` means zero weight),
+            or ``[G, N]``: G independent rows.
 
     Returns:
         ``(cdf, last)``: ``cdf`` is ``[N]`` float64, non-decreasing, with ``cdf[i] == 1``
         exactly for every ``i`` at or after the last positive-weight particle; ``last`` is a
-        0-d LongTensor holding the index of that last positive-weight particle.
+        0-d LongTensor holding the index of that last positive-weight particle (for ``[G, N]``:
+        ``cdf`` ``[G, N]`` and ``last`` ``[G]``, row by row).
 
     Raises:
         TypeError: if ``log_w`` is not floating point.
-        ValueError: if ``log_w`` is not 1-D and non-empty, contains NaN or ``+inf``, or has
-            every entry equal to ``-inf``.
+        ValueError: if ``log_w`` is not 1-D or 2-D and non-empty, or a row contains NaN or
+            ``+inf``, or has every entry equal to ``-inf``.
     """
     if not torch.is_floating_point(log_w):
         raise TypeError(f"log-weights must be a floating-point tensor, got dtype {log_w.dtype}")
-    if log_w.dim() != 1 or log_w.numel() == 0:
+    if log_w.dim() not in (1, 2) or log_w.numel() == 0:
         raise ValueError(
-            f"log-weights must be a non-empty 1-D tensor, got shape {tuple(log_w.shape)}"
+            "log-weights must be a non-empty [N] (or [G, N]) tensor, got shape "
+            f"{tuple(log_w.shape)}"
         )
     lw = log_w.detach().to(_DTYPE)
     # Normalised weights; the largest is >= 1/N, so at least one entry is positive. Any NaN,
-    # any +inf or an all -inf vector makes every entry (and so the total) NaN.
-    w = torch.softmax(lw, dim=0)
-    cdf = torch.cumsum(w, dim=0)
+    # any +inf or an all -inf row makes every entry of the row (and so its total) NaN.
+    w = torch.softmax(lw, dim=-1)
+    cdf = torch.cumsum(w, dim=-1)
     # A single host sync in the common case; only on failure do we work out which case it is.
-    if not math.isfinite(cdf[-1].item()):
+    if not math.isfinite(cdf[..., -1].sum().item()):
+        where = "" if lw.dim() == 1 else " (in some row)"
         if bool(torch.isnan(lw).any()):
-            raise ValueError("log-weights contain NaN; cannot resample")
+            raise ValueError(f"log-weights contain NaN{where}; cannot resample")
         if bool(torch.isposinf(lw).any()):
-            raise ValueError("log-weights contain +inf; cannot resample")
+            raise ValueError(f"log-weights contain +inf{where}; cannot resample")
         raise ValueError(
-            "all log-weights are -inf (every particle has zero weight); cannot resample"
+            f"all log-weights{where} are -inf (every particle has zero weight); cannot resample"
         )
     positive = w > 0
     # The running count of positive weights first reaches its maximum at the last one.
-    last = torch.cumsum(positive, dim=0).argmax()
+    last = torch.cumsum(positive, dim=-1).argmax(dim=-1)
     # Make zero-weight entries repeat the previous CDF value *exactly* (a parallel scan, as on
     # GPU, does not guarantee that adding 0.0 reproduces the same rounded sum) and make the
     # CDF monotone: zero them, then take the running maximum.  Their CDF intervals are then
     # empty, so right-sided searchsorted can never land on them.
-    cdf = torch.cummax(torch.where(positive, cdf, 0.0), dim=0).values
+    cdf = torch.cummax(torch.where(positive, cdf, 0.0), dim=-1).values
     # Dividing by the total makes every entry from the last positive weight on exactly 1
     # (they all equal cdf[-1] now, and x / x == 1 in IEEE arithmetic).
-    cdf = cdf / cdf[-1]
+    cdf = cdf / cdf[..., -1:]
     return cdf, last
 
 
-def _uniform(shape: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Draw ``[shape]`` float64 uniforms in ``[0, 1)`` from ``generator`` onto ``device``.
+def _uniform(
+    shape: int | tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """Draw float64 uniforms of ``shape`` in ``[0, 1)`` from ``generator`` onto ``device``.
 
     The draw happens on the generator's device (so a CPU generator also works for CUDA
     weights) and the result is moved to ``device``.
@@ -115,18 +124,18 @@ def _invert(cdf: Tensor, last: Tensor, points: Tensor) -> Tensor:
     """Map points in ``[0, 1)`` to particle indices.
 
     Args:
-        cdf: ``[N]`` normalised CDF from :func:`_normalised_cdf`.
-        last: 0-d index of the last positive-weight particle.
-        points: ``[n]`` float64 points.
+        cdf: ``[N]`` (or ``[G, N]``) normalised CDF from :func:`_normalised_cdf`.
+        last: 0-d (or ``[G]``) index of the last positive-weight particle.
+        points: ``[n]`` (or ``[G, n]``) float64 points.
 
     Returns:
-        ``[n]`` LongTensor; index ``i`` is chosen iff ``cdf[i-1] <= p < cdf[i]`` (with
+        ``[n]`` (or ``[G, n]``) LongTensor; index ``i`` is chosen iff ``cdf[i-1] <= p < cdf[i]`` (with
         ``cdf[-1] := 0``), so zero-weight particles (empty intervals) are never chosen.
     """
     points = points.clamp(0.0, _BELOW_ONE)
     idx = torch.searchsorted(cdf, points, right=True)
     # Points are < 1 == cdf[last], so idx <= last already; the clamp is a last-resort guard.
-    return torch.minimum(idx, last).to(torch.long)
+    return torch.minimum(idx, last[..., None]).to(torch.long)
 
 
 def multinomial(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -147,7 +156,7 @@ def multinomial(log_w: Tensor, n: int, generator: torch.Generator | None = None)
         ValueError: if all log-weights are ``-inf`` or any is NaN / ``+inf``.
     """
     # The inverse CDF is monotone, so sorting the ancestors equals sorting the points first.
-    return torch.sort(multinomial_unsorted(log_w, n, generator)).values
+    return torch.sort(multinomial_unsorted(log_w, n, generator), dim=-1).values
 
 
 def multinomial_unsorted(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -157,7 +166,7 @@ def multinomial_unsorted(log_w: Tensor, n: int, generator: torch.Generator | Non
     """
     n = _check_n(n)
     cdf, last = _normalised_cdf(log_w)
-    return _invert(cdf, last, _uniform(n, generator, cdf.device))
+    return _invert(cdf, last, _uniform((*cdf.shape[:-1], n), generator, cdf.device))
 
 
 def systematic(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -179,7 +188,7 @@ def systematic(log_w: Tensor, n: int, generator: torch.Generator | None = None) 
     """
     n = _check_n(n)
     cdf, last = _normalised_cdf(log_w)
-    u = _uniform(1, generator, cdf.device)
+    u = _uniform((*cdf.shape[:-1], 1), generator, cdf.device)
     points = (torch.arange(n, dtype=_DTYPE, device=cdf.device) + u) / n
     return _invert(cdf, last, points)
 
@@ -201,7 +210,7 @@ def stratified(log_w: Tensor, n: int, generator: torch.Generator | None = None) 
     """
     n = _check_n(n)
     cdf, last = _normalised_cdf(log_w)
-    u = _uniform(n, generator, cdf.device)
+    u = _uniform((*cdf.shape[:-1], n), generator, cdf.device)
     points = (torch.arange(n, dtype=_DTYPE, device=cdf.device) + u) / n
     return _invert(cdf, last, points)
 

@@ -14,6 +14,16 @@ the last step: the result is a weighted particle set (tokens, log_w) approximati
 Conditional SMC (``pinned`` = an exact target sample s^σ [T]): particle 0's token is forced to
 s^σ_t and keeps its own lineage; the other N−1 ancestors are drawn from all N weights. Its log Ẑ
 is a stochastic upper bound on log Z (paper App. F).
+
+Batched runs (``n_runs`` = G): G independent SMC runs of K particles each go through the model
+as one batch of G·K rows; run g owns rows [g·K, (g+1)·K). Weights, ESS, the resampling decision
+(with ESS-adaptive resampling some runs resample at a step and others do not), the ancestors
+(always drawn within the run's own rows), log Ẑ and the per-step info are per run; the runs
+may differ in their conditioning (``cond`` has one row per particle), their pinned sample
+(``pinned`` [G, T]: slot 0 of each run) and so their potential's inputs. Every cache (base,
+separate twist, policy) is reordered once per step for all runs together. A single run is the
+case G = 1 (one code path): with the same generator it draws exactly what it drew before runs
+were batched.
 """
 
 from __future__ import annotations
@@ -34,9 +44,10 @@ from smclm.smc.resampling import arrange_rows, get_resampler, multinomial_unsort
 class ParticleCollapseError(RuntimeError):
     """Every particle has weight zero (log w = −∞): the target has no mass where q put particles."""
 
-    def __init__(self, step: int, n_particles: int) -> None:
+    def __init__(self, step: int, n_particles: int, run: int | None = None) -> None:
+        where = "" if run is None else f" of run {run}"
         super().__init__(
-            f"all {n_particles} particles have zero weight at step {step}: log φ = -inf (or a "
+            f"all {n_particles} particles{where} have zero weight at step {step}: log φ = -inf (or a "
             "-inf twist) on every particle. Fixes: increase smc.n_particles, use a potential "
             "with a positive floor (task.epsilon > 0), or train/check the twist."
         )
@@ -45,18 +56,24 @@ class ParticleCollapseError(RuntimeError):
 
 @dataclass
 class StepInfo:
-    """What one SMC step did."""
+    """What one SMC step did. The scalar fields summarise the G runs (G = 1: the run's own
+    values); the ``*_runs`` tuples hold them per run."""
 
     t: int
-    ess: float  # effective sample size of the weights after this step's update
-    resampled: bool
-    n_unique: int  # distinct ancestors (N when not resampled)
-    log_z_increment: float
+    ess: float  # effective sample size after this step's update (mean over the runs)
+    resampled: bool  # some run resampled
+    n_unique: int  # distinct ancestors (K when not resampled), summed over the runs
+    log_z_increment: float  # mean over the runs
+    ess_runs: tuple[float, ...] = ()
+    resampled_runs: tuple[bool, ...] = ()
+    n_unique_runs: tuple[int, ...] = ()
+    log_z_increment_runs: tuple[float, ...] = ()
 
 
 @dataclass
 class SMCState:
-    """Particles after t steps. Shapes: tokens [N, t]; the rest [N] except next_dists."""
+    """Particles after t steps of G runs of K particles. Shapes: tokens [G·K, t]; log_w,
+    log_gamma, log_p0, log_q [G·K]; log_z_hat [G] (float32); next_dists as StepDists."""
 
     t: int
     tokens: Tensor
@@ -64,15 +81,19 @@ class SMCState:
     log_gamma: Tensor  # log π̃_t of each particle's history
     log_p0: Tensor  # Σ log p₀(s_i | s_<i) along each particle's history
     log_q: Tensor  # Σ log q_i(s_i | s_<i) along each particle's history
-    log_z_hat: Tensor  # scalar
+    log_z_hat: Tensor  # [G], one per run
     ctx: SamplingContext
     next_dists: StepDists
     infos: list[StepInfo] = field(default_factory=list)
+    n_runs: int = 1
+    fresh: tuple[bool, ...] = (True,)  # per run: every log w is 0 (after init or a resample)
 
 
 @dataclass
 class SMCResult:
-    """A finished run. tokens [N, T]; log_w, log_phi, log_p0, log_q [N]; log_z_hat scalar."""
+    """A finished set of G runs of K particles (G = 1: one run). tokens [G·K, T]; log_w,
+    log_phi, log_p0, log_q [G·K] (run g in rows [g·K, (g+1)·K)); log_z_hats [G] float64;
+    log_z_hat is their mean (G = 1: the run's log Ẑ)."""
 
     tokens: Tensor
     log_w: Tensor
@@ -81,14 +102,29 @@ class SMCResult:
     log_p0: Tensor
     log_q: Tensor
     infos: list[StepInfo]
+    log_z_hats: Tensor | None = None
+    n_runs: int = 1
+
+    @property
+    def n_particles(self) -> int:
+        """K, the particles of each run."""
+        return self.log_w.shape[0] // self.n_runs
+
+    def run_rows(self, g: int) -> slice:
+        k = self.n_particles
+        return slice(g * k, (g + 1) * k)
 
     @property
     def normalized_weights(self) -> Tensor:
-        return torch.softmax(self.log_w, dim=0)
+        """Self-normalised weights within each run [G·K] (each run's sum to 1)."""
+        return torch.softmax(self.log_w.view(self.n_runs, -1), dim=1).view(-1)
 
     @property
     def ess(self) -> float:
-        return ess(self.log_w)
+        """The final ESS (mean over the runs)."""
+        if self.n_runs == 1:
+            return ess(self.log_w)
+        return sum(ess(w) for w in self.log_w.view(self.n_runs, -1)) / self.n_runs
 
 
 def ess(log_w: Tensor) -> float:
@@ -108,15 +144,32 @@ def sample_categorical(log_probs: Tensor, generator: torch.Generator | None) -> 
 
 
 def init(
-    model: TwistedLM, prompt_ids: Tensor, n_particles: int, cond: Tensor | None = None
+    model: TwistedLM,
+    prompt_ids: Tensor,
+    n_particles: int,
+    cond: Tensor | None = None,
+    n_runs: int = 1,
 ) -> SMCState:
-    """Start n_particles empty continuations of the prompt [P]."""
-    ctx, dists = model.start(prompt_ids, n_particles, cond)
+    """Start n_runs runs of n_particles empty continuations of the prompt [P] (G·K rows; cond:
+    None or one row per particle [G·K, c])."""
+    rows = n_runs * n_particles
+    ctx, dists = model.start(prompt_ids, rows, cond)
     dev = dists.log_p0.device
-    zeros = torch.zeros(n_particles, device=dev)
-    empty = torch.zeros(n_particles, 0, dtype=torch.long, device=dev)
+    zeros = torch.zeros(rows, device=dev)
+    empty = torch.zeros(rows, 0, dtype=torch.long, device=dev)
+    log_z = torch.zeros(n_runs, device=dev)
     return SMCState(
-        0, empty, zeros, zeros.clone(), zeros.clone(), zeros.clone(), zeros.sum(), ctx, dists
+        0,
+        empty,
+        zeros,
+        zeros.clone(),
+        zeros.clone(),
+        zeros.clone(),
+        log_z,
+        ctx,
+        dists,
+        n_runs=n_runs,
+        fresh=(True,) * n_runs,
     )
 
 
@@ -134,13 +187,16 @@ def step(
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
 ) -> SMCState:
-    """Propose s_t, weight, maybe resample, and advance the caches. Returns the new state.
+    """Propose s_t, weight, maybe resample (run by run), and advance the caches. Returns the new
+    state. pinned: conditional SMC, [T] (one run) or [G, T] (slot 0 of each run).
 
     temperature ≠ 1 draws from q^(1/τ) (renormalised) and weights by that tempered proposal, so
     the weights stay valid importance weights (GFlowNet exploration; never used for evaluation).
     """
     t = state.t + 1
+    g = state.n_runs
     n = state.log_w.shape[0]
+    k = n // g
     lp = state.next_dists.log_p0
     lpsi = state.next_dists.log_psi
     if state.next_dists.log_q is not None and proposal != "p0":
@@ -152,7 +208,7 @@ def step(
         log_q_all = F.log_softmax(log_q_all / temperature, dim=-1)
     s_t = sample_categorical(log_q_all, generator)
     if pinned is not None:
-        s_t[0] = pinned[t - 1]
+        s_t[::k] = pinned.view(g, -1)[:, t - 1]  # slot 0 of every run
     idx = s_t[:, None]
     log_q_t = log_q_all.gather(1, idx).squeeze(1)
     log_p0 = state.log_p0 + lp.gather(1, idx).squeeze(1)
@@ -164,47 +220,59 @@ def step(
         phi = cached(model, state.ctx, tokens) if cached is not None else None
         log_gamma = log_p0 + (log_phi(tokens) if phi is None else phi).float().to(log_p0.device)
     log_alpha = log_gamma - state.log_gamma - log_q_t
-    # After init or a resample every log w is 0, and 0 + log α = log α exactly.
-    prev_zero = not state.infos or state.infos[-1].resampled
-    log_w = log_alpha if prev_zero else state.log_w + log_alpha
-    lse, inc, w_ess = _weight_stats(log_w, None if prev_zero else state.log_w)
-    if not math.isfinite(lse):  # the rare path: find out which failure it is
+    # After init or a resample a run's log w are 0, and 0 + log α = log α exactly.
+    all_fresh = all(state.fresh)
+    log_w = log_alpha if all_fresh else state.log_w + log_alpha
+    lse, inc, w_ess = _weight_stats(log_w, state.log_w, state.fresh, g)
+    if not all(math.isfinite(x) for x in lse):  # the rare path: find out which failure it is
         if torch.isnan(log_w).any():
             raise FloatingPointError(f"NaN log-weight at step {t}: check the potential and twist")
-        if torch.isneginf(log_w).all():
-            raise ParticleCollapseError(t, n)
+        dead = torch.isneginf(log_w.view(g, k)).all(1)
+        if dead.any():
+            raise ParticleCollapseError(t, k, int(dead.nonzero()[0]) if g > 1 else None)
     log_q = state.log_q + log_q_t
-    resampled, n_unique = False, n
-    if t < output_len and _should_resample(w_ess, n, ess_threshold):
-        # Only the multiset of ancestors matters (it is arranged next), so multinomial
-        # resampling skips the sort.
-        if pinned is None:
-            resample = multinomial_unsorted if resampling == "multinomial" else None
-            anc = (resample or get_resampler(resampling))(log_w, n, generator)
-        else:  # conditional SMC: particle 0 keeps its lineage; multinomial for the rest
-            anc = torch.cat(
-                [
-                    torch.zeros(1, dtype=torch.long, device=log_w.device),
-                    multinomial_unsorted(log_w, n - 1, generator),
-                ]
-            )
-        # Every survivor goes to its own slot (so the pinned particle 0 stays in slot 0); the
-        # rows that change are passed on to the cache reordering.
+    do = tuple(t < output_len and _should_resample(e, k, ess_threshold) for e in w_ess)
+    n_unique = [k] * g
+    resampled = any(do)
+    if resampled:
+        anc = _ancestors(log_w.view(g, k), do, resampling, pinned is not None, generator)
+        # Every survivor goes to its own slot (so the pinned particle 0 of a run stays in its
+        # slot 0, and a run that does not resample keeps all its rows); the rows that change
+        # are passed on to the cache reordering. The empty slots and the extra copies of a run
+        # are equally many and both lie in its rows, so the arrangement never crosses runs.
         anc, dst, src = arrange_rows(anc)
         note_changed_rows(anc, dst, src)
         tokens, log_gamma, log_p0, log_q = (
             x.index_select(0, anc) for x in (tokens, log_gamma, log_p0, log_q)
         )
-        log_w = torch.zeros_like(log_w)
+        if all(do):
+            log_w = torch.zeros_like(log_w)
+        else:
+            rows = torch.tensor(do, device=log_w.device).repeat_interleave(k)
+            log_w = log_w.masked_fill(rows, 0.0)
+        if g == 1:
+            n_unique = [k - dst.shape[0]]
+        else:  # a run that did not resample changes no row
+            n_unique = [k - c for c in torch.bincount(dst // k, minlength=g).tolist()]
         model.reorder(state.ctx, anc)
-        resampled, n_unique = True, n - dst.shape[0]
-    info = StepInfo(t, w_ess, resampled, n_unique, inc)
+    info = StepInfo(
+        t,
+        w_ess[0] if g == 1 else sum(w_ess) / g,
+        resampled,
+        sum(n_unique),
+        inc[0] if g == 1 else sum(inc) / g,
+        tuple(w_ess),
+        do,
+        tuple(n_unique),
+        tuple(inc),
+    )
     next_dists = (
         # tokens[:, -1] is s_t[anc] after a resample
         model.advance(state.ctx, tokens[:, -1].contiguous() if resampled else s_t)
         if t < output_len
         else state.next_dists
     )
+    inc_t = torch.tensor(inc, dtype=torch.float64).to(state.log_z_hat)
     return SMCState(
         t,
         tokens,
@@ -212,33 +280,76 @@ def step(
         log_gamma,
         log_p0,
         log_q,
-        state.log_z_hat + inc,
+        state.log_z_hat + inc_t,
         state.ctx,
         next_dists,
         state.infos + [info],
+        g,
+        do,  # a run's log w are all 0 again exactly when it resampled
     )
 
 
-def _weight_stats(log_w: Tensor, prev_log_w: Tensor | None) -> tuple[float, float, float]:
-    """(logsumexp log w, log Ẑ increment, ESS) of the updated weights, with one host sync.
+def _ancestors(
+    log_w: Tensor,
+    do: tuple[bool, ...],
+    resampling: str,
+    conditional: bool,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Global ancestor indices [G·K] for log-weights [G, K]: runs with ``do[g]`` draw theirs
+    from their own weights (conditional SMC: slot 0 keeps its lineage, multinomial for the
+    K − 1 others); the other runs keep every row (identity)."""
+    g, k = log_w.shape
+    if not conditional:
+        # Only the multiset of ancestors matters (it is arranged next), so multinomial
+        # resampling skips the sort.
+        resample = multinomial_unsorted if resampling == "multinomial" else None
+        local = (resample or get_resampler(resampling))(log_w, k, generator)
+    else:
+        rest = multinomial_unsorted(log_w, k - 1, generator)
+        local = torch.cat([torch.zeros(g, 1, dtype=torch.long, device=log_w.device), rest], 1)
+    if not all(do):
+        keep = ~torch.tensor(do, device=log_w.device)
+        local = torch.where(keep[:, None], torch.arange(k, device=log_w.device), local)
+    if g == 1:
+        return local.view(-1)
+    return (local + k * torch.arange(g, device=log_w.device)[:, None]).view(-1)
+
+
+def _weight_stats(
+    log_w: Tensor, prev_log_w: Tensor, fresh: tuple[bool, ...], g: int
+) -> tuple[list[float], list[float], list[float]]:
+    """Per run: (logsumexp log w, log Ẑ increment, ESS) of the updated weights [G·K], with one
+    host sync for all runs.
 
     In float64, as ``ess``: with m = max log w and e = exp(log w − m), lse = m + log Σe and
-    ESS = (Σe)²/Σe²; increment = lse − lse(previous log w), where ``prev_log_w=None`` means all
-    zeros (lse = log N). A NaN, a +∞ or an all −∞ log w makes the first value non-finite.
+    ESS = (Σe)²/Σe²; increment = lse − lse(previous log w), where a ``fresh`` run's previous
+    log w are all zeros (lse = log K). A NaN, a +∞ or an all −∞ log w makes the run's first
+    value non-finite.
     """
-    lw = log_w.double()
-    m = lw.max()
-    e = torch.exp(lw - m)
-    m, s1, s2 = torch.stack([m, e.sum(), e.dot(e)]).tolist()
-    lse = m + math.log(s1) if s1 > 0 else math.nan
-    if prev_log_w is None:
-        lse_prev = math.log(log_w.shape[0])
-    else:
-        lse_prev = float(torch.logsumexp(prev_log_w.double(), 0))
-    if not math.isfinite(lse):  # m = −∞: all −∞; m = +∞: some +∞ (else: a NaN)
-        lse = m if math.isinf(m) else math.nan
-        return lse, lse - lse_prev, 0.0 if lse == -math.inf else math.nan
-    return lse, lse - lse_prev, s1 * s1 / s2
+    lw = log_w.double().view(g, -1)
+    k = lw.shape[1]
+    m = lw.amax(1)
+    e = torch.exp(lw - m[:, None])
+    parts = [m, e.sum(1), e.square().sum(1)]
+    if not all(fresh):
+        parts.append(torch.logsumexp(prev_log_w.double().view(g, -1), 1))
+    vals = torch.stack(parts).tolist()
+    log_k = math.log(k)
+    lses, incs, esss = [], [], []
+    for r in range(g):
+        m_r, s1, s2 = vals[0][r], vals[1][r], vals[2][r]
+        lse_prev = log_k if fresh[r] else vals[3][r]
+        lse = m_r + math.log(s1) if s1 > 0 else math.nan
+        if not math.isfinite(lse):  # m = −∞: all −∞; m = +∞: some +∞ (else: a NaN)
+            lse = m_r if math.isinf(m_r) else math.nan
+            w_ess = 0.0 if lse == -math.inf else math.nan
+        else:
+            w_ess = s1 * s1 / s2
+        lses.append(lse)
+        incs.append(lse - lse_prev)
+        esss.append(w_ess)
+    return lses, incs, esss
 
 
 def _should_resample(w_ess: float, n: int, threshold: float) -> bool:
@@ -263,17 +374,34 @@ def run_smc(
     cond: Tensor | None = None,
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
+    n_runs: int = 1,
 ) -> SMCResult:
-    """Run T = output_len steps of twisted SMC (SIS when ess_threshold = 0).
+    """Run T = output_len steps of twisted SMC (SIS when ess_threshold = 0): n_runs independent
+    runs of n_particles each, as one batch (see the module docstring).
 
-    log_phi maps output tokens [N, T] to log φ [N] (conditioning already bound in).
-    pinned: an exact target sample [T] for conditional SMC (upper bound); particle 0 carries it.
+    log_phi maps output tokens [G·K, T] to log φ [G·K] (conditioning already bound in, one row
+    per particle). cond: None or [G·K, c]. pinned: exact target samples for conditional SMC
+    (upper bound), [T] for one run or [G, T]; particle 0 of each run carries its row.
     """
     if n_particles < 1:
         raise ValueError(f"n_particles must be positive, got {n_particles}")
-    if pinned is not None and n_particles < 2:
-        raise ValueError("conditional SMC needs at least 2 particles")
-    state = init(model, prompt_ids, n_particles, cond)
+    if n_runs < 1:
+        raise ValueError(f"n_runs must be positive, got {n_runs}")
+    if pinned is not None:
+        if n_particles < 2:
+            raise ValueError("conditional SMC needs at least 2 particles")
+        pinned = pinned.reshape(-1, pinned.shape[-1])
+        if pinned.shape != (n_runs, output_len):
+            raise ValueError(
+                f"pinned must be [T] or [G, T] = [{n_runs}, {output_len}], got "
+                f"{tuple(pinned.shape)}"
+            )
+    if cond is not None and cond.shape[0] != n_runs * n_particles:
+        raise ValueError(
+            f"cond has {cond.shape[0]} rows for {n_runs} runs of {n_particles} particles; pass "
+            "one row per particle"
+        )
+    state = init(model, prompt_ids, n_particles, cond, n_runs)
     if pinned is not None:
         pinned = pinned.to(state.log_w.device)
     for _ in range(output_len):
@@ -290,14 +418,57 @@ def run_smc(
             temperature=temperature,
         )
     log_phi_final = state.log_gamma - state.log_p0  # at t = T the "twist" is φ
+    log_z = state.log_z_hat
     return SMCResult(
         state.tokens,
         state.log_w,
-        float(state.log_z_hat),
+        float(log_z[0]) if n_runs == 1 else float(log_z.double().mean()),
         log_phi_final,
         state.log_p0,
         state.log_q,
         state.infos,
+        log_z.double(),
+        n_runs,
+    )
+
+
+def concat_results(results: list[SMCResult]) -> SMCResult:
+    """One SMCResult from consecutive chunks of runs with the same K and T (rows and runs in
+    order; per-step infos merged run by run; log Ẑ the mean over all runs)."""
+    if len(results) == 1:
+        return results[0]
+    cat = lambda name: torch.cat([getattr(r, name) for r in results])  # noqa: E731
+    log_z = torch.cat([r.log_z_hats.cpu() for r in results])
+    g = int(log_z.numel())
+    infos = []
+    for steps in zip(*(r.infos for r in results)):
+        ess_r = tuple(x for i in steps for x in i.ess_runs)
+        res_r = tuple(x for i in steps for x in i.resampled_runs)
+        unique_r = tuple(x for i in steps for x in i.n_unique_runs)
+        inc_r = tuple(x for i in steps for x in i.log_z_increment_runs)
+        infos.append(
+            StepInfo(
+                steps[0].t,
+                sum(ess_r) / g,
+                any(res_r),
+                sum(unique_r),
+                sum(inc_r) / g,
+                ess_r,
+                res_r,
+                unique_r,
+                inc_r,
+            )
+        )
+    return SMCResult(
+        cat("tokens"),
+        cat("log_w"),
+        float(log_z.mean()),
+        cat("log_phi"),
+        cat("log_p0"),
+        cat("log_q"),
+        infos,
+        log_z,
+        g,
     )
 
 
