@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from smclm.errors import ConfigError, UserError
+from smclm.lengths import check_context
 from smclm.models.loading import build_twist, load_base_model, resolve_device, resolve_dtype
 from smclm.models.twisted_lm import TwistedLM
 from smclm.tasks.base import Task
@@ -156,6 +157,7 @@ def build_world(cfg: DictConfig) -> World:
     policy = build_policy_from_config(cfg, base, device)
     model = TwistedLM(base, twist, policy)
     task = build_task(cfg.task, tokenizer, base, device)
+    check_context(base, task, str(cfg.model.name))  # prompt + T (+ c) fit, before any sampling
     return World(model, tokenizer, task, device)
 
 
