@@ -21,7 +21,7 @@ def _drive(body, cache, prompt, n, steps, seed):
     vocab = body.get_input_embeddings().weight.shape[0]
     outs = []
     with torch.no_grad():
-        h = body(input_ids=prompt[None], past_key_values=cache, use_cache=True).last_hidden_state
+        h = body(input_ids=prompt[None], cache=cache, use_cache=True).last_hidden_state
         reorder_cache(cache, torch.zeros(n, dtype=torch.long))
         outs.append(h[:, -1].expand(n, -1))
         for _ in range(steps):
@@ -29,7 +29,7 @@ def _drive(body, cache, prompt, n, steps, seed):
             anc = arrange_in_place(multinomial(log_w, n, gen), n)
             reorder_cache(cache, anc)
             tokens = torch.randint(0, vocab, (n,), generator=gen)
-            h = body(input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
+            h = body(input_ids=tokens[:, None], cache=cache, use_cache=True)
             outs.append(h.last_hidden_state[:, -1])
     return torch.stack(outs)
 

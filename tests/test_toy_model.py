@@ -162,7 +162,7 @@ def test_incremental_decoding_with_dynamic_cache(world):
     with torch.no_grad():
         full = model(x).logits[0, -1]
         cache = DynamicCache()
-        out = model(x[:, :3], past_key_values=cache, use_cache=True)
+        out = model(x[:, :3], cache=cache, use_cache=True)
         for t in range(3, x.shape[1]):
-            out = model(x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(x[:, t : t + 1], cache=out.cache, use_cache=True)
     assert torch.allclose(out.logits[0, -1], full, atol=1e-5)

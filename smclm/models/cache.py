@@ -17,10 +17,16 @@ copied one by one straight from their source rows (half the memory traffic) — 
 that all rows share (the prompt, expanded from a batch-1 cache) are skipped. The sampler hands
 the changed rows over with ``note_changed_rows`` (it knows them from the arrangement), so that
 the caches reordered by the same ancestors do not work them out again.
+
+``cache_kwargs(module, cache)`` is how every incremental forward hands a cache to a model: as
+``cache=`` where the model's ``forward`` takes that keyword (transformers ≥ 5.24), else as
+``past_key_values=`` (which 5.24 still accepts with a FutureWarning and 5.40 removes). The
+keyword is probed once per model class (``inspect.signature``), not per call.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -32,11 +38,36 @@ from transformers.cache_utils import DynamicLayer
 __all__ = [
     "GrowableCache",
     "GrowableLayer",
+    "cache_keyword",
+    "cache_kwargs",
     "changed_rows",
     "make_kv_cache",
     "note_changed_rows",
     "reorder_cache",
 ]
+
+_CACHE_KEYWORD: dict[type, str] = {}
+
+
+def cache_keyword(module: Any) -> str:
+    """The keyword ``module``'s forward takes the KV cache by: ``cache`` (transformers ≥ 5.24)
+    or ``past_key_values`` (older models, remote code), probed once per class."""
+    cls = type(module)
+    kw = _CACHE_KEYWORD.get(cls)
+    if kw is None:
+        try:
+            params = inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):  # no inspectable signature: the current keyword
+            params = {}
+        kw = "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
+        _CACHE_KEYWORD[cls] = kw
+    return kw
+
+
+def cache_kwargs(module: Any, cache: Any) -> dict[str, Any]:
+    """Keyword arguments handing ``cache`` to ``module``'s forward (with ``use_cache=True``)."""
+    return {cache_keyword(module): cache, "use_cache": True}
+
 
 _SEQ = -2  # the sequence dimension of keys/values [B, H, S, D]
 # Rows of at least this many elements (per key or value tensor) are copied one by one on CPU.

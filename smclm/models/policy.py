@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from smclm.models.cache import reorder_cache
+from smclm.models.cache import cache_kwargs, reorder_cache
 from smclm.models.lora import add_lora
 from smclm.models.twist import Head, HeadTwist, SeparateTwist, TwistState
 
@@ -97,14 +97,14 @@ class FullPolicy(nn.Module):
 
         self._check(cond)
         cache = make_kv_cache()
-        out = self.lm.base_model(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
+        body = self.lm.base_model
+        out = body(input_ids=prompt_ids, **cache_kwargs(body, cache))
         reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=prompt_ids.device))
         return TwistState(cache=cache), self._logits(out.last_hidden_state[:, -1]).expand(n, -1)
 
     def advance(self, state: TwistState, tokens: Tensor, base_hidden: Tensor) -> Tensor:
-        out = self.lm.base_model(
-            input_ids=tokens[:, None], past_key_values=state.cache, use_cache=True
-        )
+        body = self.lm.base_model
+        out = body(input_ids=tokens[:, None], **cache_kwargs(body, state.cache))
         return self._logits(out.last_hidden_state[:, -1])
 
     def reorder(self, state: TwistState, ancestors: Tensor) -> None:

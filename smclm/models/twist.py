@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smclm.models.cache import reorder_cache
+from smclm.models.cache import cache_kwargs, reorder_cache
 
 
 def _paper_init(layer: nn.Linear, scale: float = 1.0) -> None:
@@ -166,14 +166,14 @@ class SeparateTwist(nn.Module):
         from smclm.models.cache import make_kv_cache
 
         cache = make_kv_cache()
-        out = self.body(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
+        out = self.body(input_ids=prompt_ids, **cache_kwargs(self.body, cache))
         reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=prompt_ids.device))
         state = TwistState(cond_h=self.encode_cond(cond), cache=cache)
         h = out.last_hidden_state[:, -1].expand(n, -1)
         return state, self.head(_concat_cond(h, state.cond_h))
 
     def advance(self, state: TwistState, tokens: Tensor, base_hidden: Tensor) -> Tensor:
-        out = self.body(input_ids=tokens[:, None], past_key_values=state.cache, use_cache=True)
+        out = self.body(input_ids=tokens[:, None], **cache_kwargs(self.body, state.cache))
         return self.head(_concat_cond(out.last_hidden_state[:, -1], state.cond_h))
 
     def reorder(self, state: TwistState, ancestors: Tensor) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smclm.models.cache import reorder_cache
+from smclm.models.cache import cache_kwargs, reorder_cache
 
 
 @dataclass
@@ -105,7 +105,7 @@ class TwistedLM(nn.Module):
             raise ValueError("the prompt must be a non-empty 1-D tensor of token ids")
         ids = prompt_ids[None].to(self.device)
         cache = make_kv_cache()
-        h = self.body(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+        h = self.body(input_ids=ids, **cache_kwargs(self.body, cache)).last_hidden_state
         reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=ids.device))
         log_p0 = self.log_p0_from_hidden(h[:, -1]).expand(n, -1)
         twist_state, log_psi, policy_state, log_q = None, None, None, None
@@ -120,9 +120,8 @@ class TwistedLM(nn.Module):
     @torch.no_grad()
     def advance(self, ctx: SamplingContext, tokens: Tensor) -> StepDists:
         """Feed one token per particle (tokens [N]) and return the next distributions."""
-        h = self.body(
-            input_ids=tokens[:, None], past_key_values=ctx.cache, use_cache=True
-        ).last_hidden_state
+        h = self.body(input_ids=tokens[:, None], **cache_kwargs(self.body, ctx.cache))
+        h = h.last_hidden_state
         log_psi, log_q = None, None
         log_p0 = self.log_p0_from_hidden(h[:, -1])
         if self.twist is not None:

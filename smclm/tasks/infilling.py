@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smclm.models.cache import cache_kwargs
+
 
 class InfillingPotential:
     """log p₀(o | prompt, s) by one teacher-forced pass of the base LM over [prompt, s, o_<c]."""
@@ -46,6 +48,6 @@ class InfillingPotential:
         if cond.shape[0] != tokens.shape[0]:
             cond = cond.expand(tokens.shape[0], -1)
         ids = torch.cat([tokens[:, -1:], cond[:, :-1]], dim=1)
-        h = model.body(input_ids=ids, past_key_values=ctx.cache, use_cache=True).last_hidden_state
+        h = model.body(input_ids=ids, **cache_kwargs(model.body, ctx.cache)).last_hidden_state
         lp = model.log_p0_from_hidden(h)  # [N, c, V], float32
         return lp.gather(-1, cond[:, :, None]).squeeze(-1).sum(1)
