@@ -8,7 +8,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from smclm.errors import ConfigError
-from smclm.smc.resampling import RESAMPLERS
 
 GROUPS = ("task", "model", "method", "twist", "smc", "evaluator", "logger", "experiment")
 
@@ -74,7 +73,9 @@ def _require(cond: bool, msg: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check values the sampler and trainer rely on; raise ConfigError with the fix."""
     from smclm.methods import METHODS
+    from smclm.smc.resampling import RESAMPLERS  # here: importing config.py needs no torch
 
+    check_ranges(cfg)
     smc = cfg.smc
     n = smc.n_particles
     _require(
@@ -145,8 +146,103 @@ def validate(cfg: DictConfig) -> None:
         f"twist.kind={cfg.twist.kind} must be none, head or separate",
     )
     _require(
-        cfg.evaluator.name in ("none", "exact", "bounds"),
-        f"evaluator={cfg.evaluator.name} is not one of: none, exact, bounds",
+        cfg.evaluator.name in ("auto", "none", "exact", "bounds"),
+        f"evaluator={cfg.evaluator.name} is not one of: auto, none, exact, bounds",
+    )
+
+
+# Every numeric (and boolean) key with a range: (key, kind, an example of a valid value). Keys a
+# config does not have are skipped; method-specific keys are checked by the methods' constructors.
+RANGES: tuple[tuple[str, str, str], ...] = (
+    ("seed", "int", "0"),
+    ("resume", "bool", "true"),
+    ("n", "int>0", "16"),
+    ("train.updates", "int>=0", "64"),
+    ("train.eval_every", "int>0", "16"),
+    ("train.checkpoint_keep", "int>=0", "2"),  # 0 keeps every checkpoint
+    ("train.progress", "bool", "false"),
+    ("optimizer.lr", ">0", "1e-4"),
+    ("method.lr", ">0", "1e-4"),
+    ("smc.n_particles", "int>0", "64"),
+    ("smc.ess_threshold", "[0,1]", "0.5"),
+    ("task.output_len", "int>0", "4"),
+    ("task.cond_len", "int>=0", "2"),
+    ("task.min_count", "int>=0", "1"),
+    ("task.epsilon", ">=0", "1e-16"),
+    ("task.beta", "finite", "1.0"),
+    ("task.threshold", "finite", "-5.0"),
+    ("task.target_class", "int>0", "1"),
+    ("task.classifier_batch_size", "int>0", "128"),
+    ("exact_samples.n", "int>0", "256"),
+    ("exact_samples.batch_size", "int>0", "4096"),
+    ("exact_samples.max_draws", "int>0", "10000000"),
+    ("exact_samples.seed", "int", "0"),
+    ("evaluator.n_exact", "int>0", "4"),
+    ("evaluator.max_sequences", "int>0", "1000000"),
+    ("evaluator.n_g_q", "int>0|null", "null"),
+    ("twist.hidden_mult", "int>0", "1"),
+    ("twist.n_layers", "int>0", "3"),
+)
+
+_KINDS = {
+    "int": "an integer",
+    "int>0": "a positive integer",
+    "int>=0": "a non-negative integer",
+    "int>0|null": "null or a positive integer",
+    ">0": "a positive number",
+    ">=0": "a non-negative number",
+    "[0,1]": "a number in [0, 1]",
+    "finite": "a finite number",
+    "bool": "true or false",
+}
+
+
+def _in_range(value: object, kind: str) -> bool:
+    import math
+
+    if kind.endswith("|null"):
+        if value is None:
+            return True
+        kind = kind.removesuffix("|null")
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if kind.startswith("int"):
+        return isinstance(value, int) and (
+            kind == "int" or value > 0 or (kind == "int>=0" and value == 0)
+        )
+    if not math.isfinite(value):
+        return False
+    return {">0": value > 0, ">=0": value >= 0, "[0,1]": 0 <= value <= 1}.get(kind, True)
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Types and ranges of the keys in ``RANGES``, ``threads`` and the list-valued keys."""
+    for key, kind, example in RANGES:
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if value != "<absent>" and not _in_range(value, kind):
+            raise ConfigError(f"{key}={value!r} must be {_KINDS[kind]} (e.g. {key}={example})")
+    threads = cfg.get("threads", "auto")
+    _require(
+        threads == "auto" or _in_range(threads, "int>0"),
+        f"threads={threads!r} must be auto or a positive integer (e.g. threads=4)",
+    )
+    particles = OmegaConf.select(cfg, "evaluator.particles", default=None)
+    _require(
+        particles is None
+        or OmegaConf.is_list(particles)
+        and len(particles) > 0
+        and all(_in_range(k, "int>0") for k in particles),
+        f"evaluator.particles={particles} must be a non-empty list of positive integers "
+        "(particle counts K, e.g. evaluator.particles=[32,500])",
+    )
+    targets = OmegaConf.select(cfg, "task.target_ids", default=None)
+    _require(
+        targets is None
+        or OmegaConf.is_list(targets)
+        and all(_in_range(i, "int>=0") for i in targets),
+        f"task.target_ids={targets} must be a list of token ids (e.g. task.target_ids=[9])",
     )
 
 
