@@ -18,15 +18,46 @@ def config_dir() -> Path:
     return Path(str(resources.files("smclm.configs")))
 
 
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+def search_dirs(overrides: list[str] | tuple[str, ...] = ()) -> list[Path]:
+    """The config directories Hydra searches: the package's, then the user's: the entries of a
+    ``hydra.searchpath=[…]`` override, else ``$SMCLM_CONFIG_PATH`` (as in the primary configs'
+    ``hydra.searchpath``). Entries are ``file://<dir>``, ``pkg://<package>`` or a plain dir."""
+    import os
+
+    entries: list[str] | None = None
+    for arg in overrides:
+        if arg.partition("=")[0].lstrip("+") == "hydra.searchpath":
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            value = OverridesParser.create().parse_override(arg.lstrip("+")).value()
+            entries = [str(v) for v in (value if isinstance(value, list) else [value])]
+    if entries is None:
+        env = os.environ.get("SMCLM_CONFIG_PATH")
+        entries = [env] if env else []
+    dirs = [config_dir()]
+    for entry in entries:
+        if entry.startswith("pkg://"):
+            try:
+                dirs.append(Path(str(resources.files(entry.removeprefix("pkg://")))))
+            except ModuleNotFoundError:
+                continue  # Hydra skips it too
+        else:
+            dirs.append(Path(entry.removeprefix("file://")))
+    return dirs
+
+
+def group_options(group: str, dirs: list[Path] | None = None) -> list[str]:
+    """The options of a config group: its YAML files in every search directory."""
+    return sorted({p.stem for d in dirs or [config_dir()] for p in (d / group).glob("*.yaml")})
 
 
 def check_group_overrides(overrides: list[str]) -> None:
-    """Reject `group=option` overrides whose option file does not exist (before Hydra runs).
+    """Reject `group=option` overrides whose option file does not exist (before Hydra runs), in
+    the package's configs or the user's search path (:func:`search_dirs`).
 
     Sweeps (`method=ctl,rl`) are checked option by option.
     """
+    dirs = search_dirs(overrides)
     for arg in overrides:
         if "=" not in arg or arg.startswith(("+", "~", "-")):
             continue
@@ -34,35 +65,14 @@ def check_group_overrides(overrides: list[str]) -> None:
         key = key.removeprefix("override ")
         if key not in GROUPS or value in ("null", ""):
             continue
-        options = group_options(key)
+        options = group_options(key, dirs)
         for opt in value.split(","):
             if opt not in options:
+                where = "" if len(dirs) == 1 else f" (searched: {', '.join(map(str, dirs))})"
                 raise ConfigError(
                     f"unknown {key} '{opt}'; choose one of: {', '.join(options) or '(none yet)'}"
+                    f"{where}"
                 )
-
-
-def apply_per_method(cfg: DictConfig) -> None:
-    """Merge ``per_method.<method.name>`` (an experiment's per-learner settings, e.g. the
-    paper's learning rate of each method) into ``method``. Command-line ``method.*`` overrides
-    still win: they are applied again on top."""
-    per = cfg.get("per_method")
-    if not per or cfg.method.name not in per:
-        return
-    from hydra.core.hydra_config import HydraConfig
-
-    explicit: list[str] = []
-    if HydraConfig.initialized():
-        for arg in HydraConfig.get().overrides.task:
-            key = arg.partition("=")[0].lstrip("+~")
-            if key.startswith("method."):
-                explicit.append(key.removeprefix("method."))
-    original = cfg.method
-    merged = OmegaConf.merge(OmegaConf.to_container(original), per[cfg.method.name])
-    for key in explicit:
-        OmegaConf.update(merged, key, OmegaConf.select(original, key), force_add=True)
-    OmegaConf.set_struct(cfg, False)
-    cfg.method = merged
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -97,8 +107,9 @@ def validate(cfg: DictConfig) -> None:
     )
     method = cfg.method.name
     _require(
-        method == "none" or method in METHODS,
-        f"unknown method '{method}'; choose one of: {', '.join(sorted(METHODS))}",
+        method == "none" or method in METHODS or bool(cfg.method.get("_target_")),
+        f"unknown method '{method}'; choose one of: {', '.join(sorted(METHODS))}, or give your "
+        "learner's method._target_",
     )
     if "optimizer" in cfg:
         lr = cfg.optimizer.lr
@@ -142,8 +153,9 @@ def validate(cfg: DictConfig) -> None:
             "are groups of particles sharing an o); change one of them",
         )
     _require(
-        cfg.twist.kind in ("none", "head", "separate"),
-        f"twist.kind={cfg.twist.kind} must be none, head or separate",
+        cfg.twist.get("_target_") != "smclm.models.loading.build_twist"  # a user's twist
+        or cfg.twist.kind in ("none", "head", "separate"),
+        f"twist.kind={cfg.twist.get('kind')} must be none, head or separate",
     )
     _require(
         cfg.evaluator.name in ("auto", "none", "exact", "bounds"),

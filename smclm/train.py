@@ -20,13 +20,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from smclm.build import METHOD_WORLD_KEYS, build_world, exact_pool
+from smclm.build import build_world, exact_pool
 from smclm.checkpoint import latest_checkpoint, load_params, load_state, save_checkpoint
 from smclm.compute import ComputeMeter
-from smclm.config import apply_per_method, validate
+from smclm.config import validate
 from smclm.errors import UserError
 from smclm.evaluate import Evaluator
-from smclm.methods import build_method
 from smclm.methods.base import TrainContext
 from smclm.tracking import Tracker, write_json_atomic
 
@@ -62,7 +61,6 @@ def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train twists as configured; write config.yaml, metrics.jsonl, summary.json, checkpoints/."""
-    apply_per_method(cfg)
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,10 +75,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     world = build_world(cfg)
     model, task = world.model, world.task
-    method = build_method(
-        cfg.method.name,
-        **{k: v for k, v in cfg.method.items() if k not in METHOD_WORLD_KEYS},
-    )
+    method = world.learner  # built first by build_world: what it needs shapes the world
     evaluator = Evaluator(cfg, world, None)  # checks enumerability before any sampling
     conditional = task.cond_len > 0
     pool = None
