@@ -1,7 +1,9 @@
-"""From a config to objects: the base model, the twist, the task, the exact-sample pool.
+"""From a config to objects: the learner, the base model, the twist, the task, the exact pool.
 
 The only module besides the entry points that reads a DictConfig; everything it returns is plain
-tensors, modules and small dataclasses.
+tensors, modules and small dataclasses. Tasks, twists and learners are built by the ``_target_``
+of their config (built-in ones and users' plugins alike); nothing here branches on a name: a
+learner declares what it needs (a twist, a policy, exact samples).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from smclm.errors import ConfigError, UserError
 from smclm.lengths import check_context
-from smclm.models.loading import build_twist, load_base_model, resolve_device, resolve_dtype
+from smclm.models.loading import load_base_model, prompt_prefix, resolve_device, resolve_dtype
 from smclm.models.twisted_lm import TwistedLM
 from smclm.tasks.base import Task
 
@@ -25,6 +27,7 @@ class World:
     tokenizer: Any
     task: Task
     device: torch.device
+    learner: Any = None  # the method's learner (None for method=none), built first: its needs
 
 
 def set_threads(threads: object, base: torch.nn.Module, device: torch.device) -> None:
@@ -41,8 +44,10 @@ def set_threads(threads: object, base: torch.nn.Module, device: torch.device) ->
         raise ConfigError(f"threads={threads} must be auto or a positive integer")
 
 
-def encode_prompt(tokenizer: Any, text: str) -> torch.Tensor:
-    """Token ids of the prompt, without special tokens: [P]."""
+def encode_prompt(tokenizer: Any, text: str, bos: bool = False) -> torch.Tensor:
+    """Token ids of the text, without special tokens: [P]. bos: the task prompt starts with the
+    BOS token when the tokenizer adds one to text (:func:`smclm.models.loading.prompt_prefix`:
+    Llama 2/3 yes; GPT-2, GPT-Neo, SmolLM2 no); conditioning text o never does."""
     try:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     except Exception as e:  # the toy tokenizer raises on unknown words
@@ -52,77 +57,117 @@ def encode_prompt(tokenizer: Any, text: str) -> torch.Tensor:
         raise ConfigError("task.prompt is empty; the sampler needs at least one prompt token")
     if unk is not None and unk in ids:
         raise ConfigError(f"task.prompt={text!r} contains words the tokenizer does not know")
+    if bos:
+        ids = prompt_prefix(tokenizer) + list(ids)
     return torch.tensor(ids, dtype=torch.long)
+
+
+def instantiate_node(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """Hydra-instantiate the config ``node`` (at ``key``) by its ``_target_``; ``kwargs`` are the
+    runtime objects it receives. Failures are one line naming the key (no traceback)."""
+    import re
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    target = node.get("_target_")
+    if not target:
+        raise ConfigError(
+            f"{key} has no _target_; name the function or class that builds it, e.g. "
+            f"{key}._target_=my_package.my_module.build"
+        )
+    missing = sorted(OmegaConf.missing_keys(node))
+    if missing:
+        keys = ", ".join(f"{key}.{m}" for m in missing)
+        raise ConfigError(f"{keys} must be set (it is ??? in the config); give a value")
+    try:
+        return instantiate(node, **kwargs, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        located = re.match(r"Error locating target '([^']+)'", str(e))
+        if located:
+            detail = [ln for ln in str(cause).splitlines() if ln.strip()][1:2] or [str(cause)]
+            raise ConfigError(
+                f"{key}: cannot import {located.group(1)} ({detail[0].strip()}); check the "
+                "dotted path, and that its package is installed or on PYTHONPATH"
+            ) from e
+        what = str(cause) if cause is not None else str(e).splitlines()[-1]
+        raise ConfigError(f"{key} ({target}): {what.strip().splitlines()[0]}") from e
+    except (ValueError, TypeError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise ConfigError(f"{key} ({target}): {str(e).strip().splitlines()[0]}") from e
 
 
 def build_task(
     task_cfg: DictConfig, tokenizer: Any, base: torch.nn.Module, device: torch.device
 ) -> Task:
-    """The task of ``task_cfg``: toy, toxicity, sentiment or infilling."""
-    name = task_cfg.name
-    prompt = encode_prompt(tokenizer, task_cfg.prompt)
-    t_len = int(task_cfg.output_len)
-    vocab_size = int(base.get_output_embeddings().weight.shape[0])
-    try:
-        if name == "toy":
-            from smclm.tasks.toy import build_toy_task
+    """The task of ``task_cfg``, built by its ``_target_`` (see :mod:`smclm.tasks.plugin`):
+    ``builder(env, name=…, prompt=…, output_len=…, …)``."""
+    from smclm.tasks.plugin import TaskEnv
 
-            return build_toy_task(
-                prompt,
-                t_len,
-                task_cfg.potential,
-                list(task_cfg.target_ids),
-                vocab_size,
-                min_count=int(task_cfg.min_count),
-                epsilon=float(task_cfg.epsilon),
-                beta=float(task_cfg.beta),
-            )
-        if name in ("toxicity", "sentiment"):
-            from smclm.tasks.classifier import TextClassifier, load_classifier
+    env = TaskEnv(tokenizer, base, device, encode_prompt(tokenizer, task_cfg.prompt, bos=True))
+    task = instantiate_node(task_cfg, "task", env=env)
+    if not isinstance(task, Task):
+        raise ConfigError(
+            f"task._target_={task_cfg._target_} returned a {type(task).__name__}, not a "
+            "smclm.tasks.base.Task; a task builder returns a Task"
+        )
+    if task.output_len != int(task_cfg.output_len) or task.cond_len != int(
+        task_cfg.get("cond_len", 0)
+    ):
+        raise ConfigError(
+            f"task._target_={task_cfg._target_} built T={task.output_len}, c={task.cond_len} "
+            f"but the config says task.output_len={task_cfg.output_len}, "
+            f"task.cond_len={task_cfg.get('cond_len', 0)}; the builder must use them"
+        )
+    return task
 
-            dtype = resolve_dtype(str(task_cfg.get("classifier_dtype", "auto")), device)
-            clf_model, clf_tok = load_classifier(str(task_cfg.classifier), device, dtype)
-            clf = TextClassifier(
-                clf_model,
-                clf_tok,
-                tokenizer,
-                prompt,
-                batch_size=int(task_cfg.get("classifier_batch_size", 128)),
-            )
-            beta = float(task_cfg.beta)
-            if name == "toxicity":
-                from smclm.tasks.toxicity import ToxicityPotential
 
-                pot = ToxicityPotential(
-                    clf,
-                    str(task_cfg.potential),
-                    threshold=float(task_cfg.threshold),
-                    beta=beta,
-                    epsilon=float(task_cfg.epsilon),
-                )
-            else:
-                from smclm.tasks.sentiment import SentimentPotential
+def build_learner(cfg: DictConfig) -> Any:
+    """The learner of ``cfg.method`` by its ``_target_`` (None without one: ``method=none``);
+    the method's keys except ``METHOD_WORLD_KEYS`` are its constructor's options."""
+    from smclm.methods import build_method
 
-                pot = SentimentPotential(clf, task_cfg.target_class, beta)
-            uses_beta = name == "sentiment" or task_cfg.potential == "class_logprob"
-            return Task(
-                name, prompt, t_len, pot, log_phi_max=pot.log_max(), beta=beta if uses_beta else 1.0
-            )
-        if name == "infilling":
-            from smclm.tasks.infilling import InfillingPotential
+    m = cfg.method
+    if not m.get("_target_"):  # method=none: evaluating or sampling an untrained model
+        return None
+    options = {
+        k: v
+        for k, v in OmegaConf.to_container(m, resolve=True).items()  # type: ignore[union-attr]
+        if k not in METHOD_WORLD_KEYS
+    }
+    return build_method(str(m.get("name")), m.get("_target_"), **options)
 
-            c = int(task_cfg.cond_len)
-            if c < 1:
-                raise ValueError(f"task.cond_len={c} must be at least 1 for infilling")
-            return Task(name, prompt, t_len, InfillingPotential(base, prompt), None, cond_len=c)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    raise ConfigError(f"unknown task '{name}'; choose one of: toy, toxicity, sentiment, infilling")
+
+def build_twist_from_config(
+    cfg: DictConfig, base: torch.nn.Module, device: torch.device
+) -> torch.nn.Module | None:
+    """The twist of ``cfg.twist`` by its ``_target_``, called with the frozen ``base``,
+    ``conditional`` (the task has o), ``dtype`` (from twist.dtype) and ``squash`` (the method's
+    ``twist_squash`` where it sets one) besides the config's own keys."""
+    node = cfg.twist
+    squash = cfg.method.get("twist_squash") or node.get("squash")
+    extra: dict[str, Any] = {
+        "base": base,
+        "conditional": bool(cfg.task.get("cond_len", 0)),
+        "dtype": resolve_dtype(str(node.get("dtype", "float32")), device),
+    }
+    if squash is not None or "squash" in node:
+        extra["squash"] = squash
+    return instantiate_node(node, "twist", **extra)
 
 
 def build_world(cfg: DictConfig) -> World:
-    """Load p₀, build the twist of ``cfg.twist`` and the task. Seeds torch first."""
+    """Load p₀, build the learner, then what it needs (:func:`smclm.methods.needs`): the twist
+    of ``cfg.twist``, the policy of ``method.policy``; then the task. Seeds torch first."""
+    from smclm.methods import needs
+
     torch.manual_seed(int(cfg.seed))
+    learner = build_learner(cfg)
+    need = needs(learner)
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.model.dtype), device)
     toy = OmegaConf.to_container(cfg.model.toy) if "toy" in cfg.model else None
@@ -135,34 +180,17 @@ def build_world(cfg: DictConfig) -> World:
         gguf_file=None if gguf is None else str(gguf),
     )
     set_threads(cfg.get("threads", "auto"), base, device)
-    squash = cfg.method.get("twist_squash") or cfg.twist.squash
-    # Policy learners (PPO, GFlowNet) have no twists, except a SubTB GFlowNet whose flow head is
-    # the twist (baselines-spec B4.3/B5): its intermediate targets for SMC.
-    kind = cfg.twist.kind
-    if cfg.method.get("policy") and cfg.method.get("loss") != "subtb":
-        kind = "none"
-    try:
-        twist = build_twist(
-            kind,
-            base,
-            head=cfg.twist.head,
-            hidden_mult=int(cfg.twist.hidden_mult),
-            n_layers=int(cfg.twist.n_layers),
-            squash=squash,
-            conditional=bool(cfg.task.get("cond_len", 0)),
-            dtype=resolve_dtype(str(cfg.twist.dtype), device),
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    policy = build_policy_from_config(cfg, base, device)
+    twist = build_twist_from_config(cfg, base, device) if need.twist else None
+    policy = build_policy_from_config(cfg, base, device) if need.policy else None
     model = TwistedLM(base, twist, policy)
     task = build_task(cfg.task, tokenizer, base, device)
     check_context(base, task, str(cfg.model.name))  # prompt + T (+ c) fit, before any sampling
-    return World(model, tokenizer, task, device)
+    return World(model, tokenizer, task, device, learner)
 
 
-# method.* keys that configure the world (the policy), not the learner's constructor
+# method.* keys that configure the world (the policy) or name the learner, not its options
 METHOD_WORLD_KEYS = (
+    "_target_",
     "name",
     "lr",
     "twist_squash",
@@ -176,11 +204,14 @@ METHOD_WORLD_KEYS = (
 
 def build_policy_from_config(
     cfg: DictConfig, base: torch.nn.Module, device: torch.device
-) -> torch.nn.Module | None:
-    """The proposal policy of ``method.policy`` (PPO, GFlowNet), or None for twist learners."""
+) -> torch.nn.Module:
+    """The proposal policy of ``method.policy``, for a learner that needs one (PPO, GFlowNet)."""
     kind = cfg.method.get("policy")
     if not kind:
-        return None
+        raise ConfigError(
+            f"method {cfg.method.get('name')} trains a policy; set "
+            "method.policy=full|mlp_head|separate_conditional|lora"
+        )
     from smclm.models.policy import build_policy
 
     head = cfg.method.get("policy_head") or {}

@@ -328,17 +328,14 @@ PAPER = {  # experiment: (policy, lr, updates, schedule, the task/method experim
 
 @pytest.mark.parametrize("exp", list(PAPER))
 def test_paper_experiments_compose_to_the_paper_settings(exp):
-    from smclm.config import apply_per_method
-
     policy, lr, updates, schedule, twin = PAPER[exp]
     cfg = make_cfg(f"experiment={exp}")
     assert cfg.method.name == "ppo" and cfg.method.policy == policy
     assert cfg.optimizer.lr == lr and cfg.smc.n_particles == 100
     assert cfg.train.updates == updates and cfg.train.schedule == schedule
     build_method("ppo", **{k: v for k, v in cfg.method.items() if k not in METHOD_WORLD_KEYS})
-    # the same setting as the task's own experiment run with method=ppo (its per_method entry)
+    # the same setting as the task's own experiment run with method=ppo (per_method/<twin>/ppo)
     other = make_cfg(f"experiment={twin}", "method=ppo")
-    apply_per_method(other)
     for key in ("task", "model", "smc", "train", "exact_samples", "evaluator"):
         assert cfg[key] == other[key], key
     assert other.method.policy == policy and other.method.lr == lr

@@ -88,9 +88,9 @@ def test_sentiment_potential_matches_its_formula_and_checks_the_class():
         SentimentPotential(clf, target_class=6)
 
 
-def test_toxicity_refuses_a_multi_class_classifier():
+def test_toxicity_refuses_a_multi_class_classifier_without_a_toxic_label():
     clf, _ = _classifier(["bad", "sun"], 1.0, 0.0)
-    with pytest.raises(ValueError, match="one non-toxic logit"):
+    with pytest.raises(ValueError, match="'toxic' is not a label .* LABEL_0, LABEL_1"):
         ToxicityPotential(clf, "threshold")
 
 
@@ -177,7 +177,7 @@ SETTINGS = {  # experiment, LM architecture, classifier, extra overrides
     "toxicity_classifier": ("gpt_neo", "toxicity", []),
     "sentiment": ("gpt2", "sentiment", ["task.target_class=2"]),
     "infilling_15": ("gpt_neo", None, ["task.cond_len=2"]),
-    "infilling_2": ("gpt2", None, ["per_method.ctl.particles_per_cond=4"]),
+    "infilling_2": ("gpt2", None, ["++method.particles_per_cond=4"]),  # CTL's 10 ∤ 8
 }
 
 
@@ -248,7 +248,7 @@ def test_load_errors_are_one_clear_line(tiny_lm_dirs, tiny_classifier_dirs, tmp_
         )
     with pytest.raises(ConfigError, match="task.target_class=7 but the classifier has 5"):
         world(f"task.classifier={tiny_classifier_dirs['sentiment']}", "task.target_class=7")
-    with pytest.raises(ConfigError, match="one non-toxic logit"):
+    with pytest.raises(ConfigError, match="target_label='toxic' is not a label"):
         world("task=toxicity", f"task.classifier={tiny_classifier_dirs['sentiment']}")
     with pytest.raises(UserError, match="no such directory"):
         world(f"task.classifier={tmp_path / 'missing'}")

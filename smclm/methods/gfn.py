@@ -187,6 +187,7 @@ class GFN:
     (see the module docstring)."""
 
     name = "gfn"
+    needs_policy = True  # trains method.policy; a twist only as SubTB's flow head (needs_twist)
 
     def __init__(
         self,
@@ -291,6 +292,11 @@ class GFN:
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr = 0.0
         self.n_updates = 0
+
+    @property
+    def needs_twist(self) -> bool:
+        """SubTB's flow head is the twist (baselines-spec B4.3); TB and VarGrad have none."""
+        return self.loss_kind == "subtb"
 
     # -- schedules -----------------------------------------------------------------------------
     def tau_r(self, k: int) -> float:

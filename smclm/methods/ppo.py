@@ -190,6 +190,7 @@ class PPO:
 
     name = "ppo"
     needs_exact = False
+    needs_policy, needs_twist = True, False  # trains method.policy; the model has no twist
 
     def __init__(
         self,

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smclm.models.cache import cache_kwargs
+from smclm.tasks.base import Task
+from smclm.tasks.plugin import TaskEnv
 
 
 class InfillingPotential:
@@ -51,3 +53,11 @@ class InfillingPotential:
         h = model.body(input_ids=ids, **cache_kwargs(model.body, ctx.cache)).last_hidden_state
         lp = model.log_p0_from_hidden(h)  # [N, c, V], float32
         return lp.gather(-1, cond[:, :, None]).squeeze(-1).sum(1)
+
+
+def infilling_task(env: TaskEnv, *, name: str, prompt: str, output_len: int, cond_len: int) -> Task:
+    """The task of configs/task/infilling.yaml: c = ``cond_len`` ≥ 1 conditioning tokens o."""
+    if int(cond_len) < 1:
+        raise ValueError(f"task.cond_len={cond_len} must be at least 1 for infilling")
+    pot = InfillingPotential(env.base, env.prompt_ids)
+    return Task(name, env.prompt_ids, int(output_len), pot, None, cond_len=int(cond_len))

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from smclm.tasks.base import Task
+from smclm.tasks.plugin import TaskEnv
 
 POTENTIALS = ("threshold", "exp_count")
 
@@ -52,6 +53,35 @@ class CountPotential:
         return max(self.beta, 0.0) * output_len
 
 
+def toy_task(
+    env: TaskEnv,
+    *,
+    name: str,
+    prompt: str,
+    output_len: int,
+    potential: str,
+    target_ids: list[int],
+    min_count: int = 1,
+    epsilon: float = 1e-16,
+    beta: float = 1.0,
+    cond_len: int = 0,
+) -> Task:
+    """The task of configs/task/toy.yaml (any causal LM: the potential reads token ids)."""
+    if cond_len:
+        raise ValueError(f"task.cond_len={cond_len}: the toy task is unconditional")
+    return build_toy_task(
+        env.prompt_ids,
+        int(output_len),
+        potential,
+        list(target_ids),
+        env.vocab_size,
+        min_count=int(min_count),
+        epsilon=float(epsilon),
+        beta=float(beta),
+        name=name,
+    )
+
+
 def build_toy_task(
     prompt_ids: Tensor,
     output_len: int,
@@ -61,6 +91,7 @@ def build_toy_task(
     min_count: int = 1,
     epsilon: float = 1e-16,
     beta: float = 1.0,
+    name: str = "toy",
 ) -> Task:
     bad = [i for i in target_ids if not 0 <= int(i) < vocab_size]
     if bad:
@@ -70,7 +101,7 @@ def build_toy_task(
         )
     pot = CountPotential(potential, [int(i) for i in target_ids], min_count, epsilon, beta)
     return Task(
-        "toy",
+        name,
         prompt_ids,
         output_len,
         pot,
