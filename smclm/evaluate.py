@@ -10,11 +10,17 @@ import math
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from smclm.build import World, exact_pool, split_pool, world_for
 from smclm.evaluators.exact import ExactSolution, check_enumerable, exact_metrics, solve
 from smclm.tracking import write_json_atomic
+
+
+def choose_evaluator(vocab_size: int, output_len: int, max_sequences: int) -> str:
+    """``evaluator=auto``: exact when the Vᵀ sequences (per o) number at most max_sequences,
+    else bounds."""
+    return "exact" if output_len * math.log10(vocab_size) <= math.log10(max_sequences) else "bounds"
 
 
 class Evaluator:
@@ -23,11 +29,22 @@ class Evaluator:
     Conditional tasks (infilling) are evaluated per o: the first ``evaluator.n_exact`` (s, o)
     pairs of the exact pool give the o's; exact metrics are enumerated for each o and averaged
     (log Z → E_o log Z(o)), and every bound run for σ^i uses its own o^i.
+
+    ``evaluator.name=auto`` is resolved here (:func:`choose_evaluator`) and the choice written
+    back to ``cfg.evaluator.name``, so that the run's saved config records it.
     """
 
     def __init__(self, cfg: DictConfig, world: World, pool: torch.Tensor | None) -> None:
         self.cfg, self.world, self.pool = cfg, world, pool
         self.name = cfg.evaluator.name
+        if self.name == "auto":
+            self.name = choose_evaluator(
+                world.model.vocab_size,
+                world.task.output_len,
+                int(cfg.evaluator.get("max_sequences", 1_000_000)),
+            )
+            with open_dict(cfg):
+                cfg.evaluator.name = self.name
         self._solutions: dict[int, ExactSolution] = {}
         self.exact_available = self._enumerable()
         if self.name == "exact" and not self.exact_available:
@@ -127,7 +144,11 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float | 
     if evaluator.needs_pool:
         evaluator.pool = exact_pool(eval_cfg, world)
     metrics = evaluator(step=0)
-    summary = {**metrics, "run/checkpoint": str(ckpt) if ckpt else None}
+    summary = {
+        **metrics,
+        "run/checkpoint": str(ckpt) if ckpt else None,
+        "run/evaluator": evaluator.name,
+    }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "summary.json", summary)

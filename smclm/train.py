@@ -77,6 +77,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     model, task = world.model, world.task
     method = world.learner  # built first by build_world: what it needs shapes the world
     evaluator = Evaluator(cfg, world, None)  # checks enumerability before any sampling
+    if resolved["evaluator"]["name"] != evaluator.name:  # evaluator=auto: record the choice
+        resolved["evaluator"]["name"] = evaluator.name
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     conditional = task.cond_len > 0
     pool = None
     if method.needs_exact or evaluator.needs_pool or conditional:
@@ -206,6 +209,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         **meter.totals(),
         "run/task": task.name,
         "run/method": cfg.method.name,
+        "run/evaluator": evaluator.name,
         "run/seed": int(cfg.seed),
         "run/updates": step,
         "time/total_s": time.perf_counter() - started,

@@ -101,6 +101,24 @@ def load_pretrained(
     return _frozen(model, dtype, device), tok
 
 
+def prompt_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens a prompt starts with: ``[bos_token_id]`` when the tokenizer puts a BOS
+    in front of text it encodes with its special tokens (Llama 2/3, Mistral), else ``[]`` (the
+    GPT-2 family, GPT-Neo, SmolLM2, the toy world). End-of-text and other special tokens are
+    never added: the prompt is continued, not closed."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    try:
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    except Exception:  # a tokenizer that cannot encode "a" (the toy one): no BOS rule to read
+        return []
+    if with_special[:1] == [bos] and plain[:1] != [bos]:
+        return [int(bos)]
+    return []
+
+
 def _frozen(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     model = model.to(device=device, dtype=dtype).eval()
     for p in model.parameters():
