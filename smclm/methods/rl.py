@@ -1,62 +1,114 @@
 """RL: soft-Q least squares in log space (paper §4.2, Eq. 23; reference ``rl_q_lsq``).
 
 The optimal twists satisfy the soft Bellman recursion ψ*_t(s_1:t) = Σ_v p₀(v | s_1:t) ψ*_{t+1}(s_1:t, v)
-with ψ*_T = φ. Each log ψ_t is regressed onto the one-step target built from the same network:
+with ψ*_T = φ. Each log ψ_t is regressed onto the one-step target:
 
     V_t = log ψ_t(s_1:t),
-    Y_t = sg( logsumexp_v [ log p₀(v | s_1:t) + log ψ_{t+1}(s_1:t, v) ] )   for t < T,   Y_T = log φ(s_1:T),
-    L   = mean_k (1/T) Σ_t (V_t − Y_t)².
+    Y_t = sg( logsumexp_v [ log p₀(v | s_1:t) + log ψ̄_{t+1}(s_1:t, v) ] )   for t < T,   Y_T = log φ(s_1:T),
+    ℓ(s) = (1/T) Σ_t (V_t − Y_t)².
 
-Samples (paper-spec §4.6):
+ψ̄ is the twist itself in the paper; with ``target_ema > 0`` it is a slowly updated copy (a target
+network, Polyak-averaged after every update). At ψ = ψ̄ = ψ* every target equals its value and
+the loss is exactly 0 on any samples: the fixed point does not depend on the sampling
+distribution, which is what lets the σ-weighted term below change the weighting and not the answer.
 
-* ``positives="sis"`` (``rl_q_lsq``, default): the K particles of one SIS run (no resampling)
-  from the twisted proposal q^π, with uniform weights (the weights are not used).
-* ``positives="exact"`` (``rl_qsigma_lsq``): the same q samples plus K exact target samples,
-  each set averaged on its own, so L = mean_q + mean_σ (a sum of two means, as in the reference).
+Samples (paper-spec §4.6), drawn without gradients from one SIS run (no resampling) of K
+particles from the twisted proposal q^π:
+
+* ``positives="sis"`` (``rl_q_lsq``, the paper): L = mean_k ℓ(s^k), uniform weights.
+* ``positives="snis"`` (the default): L = mean_k ℓ(s^k) + Σ_k w̄_k ℓ(s^k), with the self-normalised
+  importance weights w̄ ∝ p₀φ/q of the same particles standing in for exact σ samples: the
+  structure of ``rl_qsigma_lsq`` without a pool (as CTL and DPG use φ-weighted SIS positives).
+  Uniform weights alone fit ψ where q already goes; where q under-proposes what σ holds, the
+  errors are seldom sampled and persist (the relapse of issue 14); the σ-weighted term samples them.
+* ``positives="exact"`` (``rl_qsigma_lsq``): L = mean_k ℓ(s^k) + mean_i ℓ(σ^i) over K exact target
+  samples (a sum of two means, as in the reference).
+
+The paper's update is :data:`PAPER` (``positives=sis``, no target network, a constant rate). RL
+owns its update (:meth:`RL.update`: Adam, the schedule, the target network), so that the target
+network and the schedule are checkpointed with the optimiser; :meth:`RL.loss` is one batch's loss.
 
 Y_T = log φ must be finite: indicator potentials need a positive floor (task.epsilon > 0).
-At the optimal twist the targets equal the values and the loss is exactly 0.
 """
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from smclm.errors import ConfigError
 from smclm.methods.base import TrainContext, check_positives, require_twist
 from smclm.models.twisted_lm import TwistedLM
 
-POSITIVES = ("sis", "exact")
+POSITIVES = ("snis", "sis", "exact")
+
+# The paper's update (rl_q_lsq): build_method("rl", **PAPER).
+PAPER: dict[str, Any] = {"positives": "sis", "target_ema": 0.0, "lr_half_life": None}
 
 
-def _squared_error(
-    model: TwistedLM, prompt: Tensor, tokens: Tensor, log_phi: Tensor, cond: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """mean over (k, t) of (V_t − Y_t)² on tokens [K, T] with log φ [K]; also V [K, T] (no grad)."""
-    if not torch.isfinite(log_phi).all():
-        raise ConfigError(
-            "rl regresses log ψ_T onto log φ, which is -inf or NaN on some samples; use a "
-            "potential with a positive floor (task.epsilon > 0)"
-        )
-    log_p0_all, log_psi_all = model.forward_full(prompt, tokens, cond)
-    values = log_psi_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [K, T], with grad
-    with torch.no_grad():
-        # Step t+1's all-vocab quantities sit at index t (paper-spec §0), so the targets of
-        # steps 1..T-1 come from indices 1..T-1.
-        y_next = torch.logsumexp(log_p0_all[:, 1:] + log_psi_all[:, 1:], dim=-1)
-        targets = torch.cat([y_next, log_phi.to(y_next)[:, None]], dim=1)
-    return (values - targets).pow(2).mean(), values.detach()
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
 
 class RL:
-    """Soft-Q least squares. Options: ``positives`` = ``sis`` (default) | ``exact``."""
+    """Soft-Q least squares. Options (configs/method/rl.yaml gives the reasons and defaults):
+
+    positives     ``snis`` (default) | ``sis`` (the paper's rl_q_lsq) | ``exact`` (rl_qsigma_lsq)
+    target_ema    Polyak factor of the target network ψ̄ for Y_t (0: ψ̄ = ψ, the paper)
+    lr_half_life  lr_n = lr / (1 + n / lr_half_life) after n updates (null: constant, the paper)
+    """
 
     name = "rl"
 
-    def __init__(self, positives: str = "sis") -> None:
+    def __init__(
+        self,
+        positives: str = "snis",
+        target_ema: float = 0.0,
+        lr_half_life: float | None = None,
+    ) -> None:
         self.positives = check_positives("rl", positives, POSITIVES)
         self.needs_exact = positives == "exact"
+        _check(
+            0.0 <= float(target_ema) < 1.0,
+            f"method.target_ema={target_ema} must be in [0, 1) (0: no target network)",
+        )
+        _check(
+            lr_half_life is None or float(lr_half_life) > 0,
+            f"method.lr_half_life={lr_half_life} must be positive, or null for a constant rate",
+        )
+        self.target_ema = float(target_ema)
+        self.lr_half_life = None if lr_half_life is None else float(lr_half_life)
+        self.target: nn.Module | None = None  # the target network ψ̄ (target_ema > 0), after setup
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+
+    # -- the loss of one batch ----------------------------------------------------------------
+    def regression(
+        self, model: TwistedLM, prompt: Tensor, tokens: Tensor, log_phi: Tensor, cond: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """ℓ(s^k) [K] (with grad) on tokens [K, T] with log φ [K]; also V and Y [K, T]."""
+        if not torch.isfinite(log_phi).all():
+            raise ConfigError(
+                "rl regresses log ψ_T onto log φ, which is -inf or NaN on some samples; use a "
+                "potential with a positive floor (task.epsilon > 0)"
+            )
+        ids, h, start = model.base_pass(prompt, tokens)
+        with torch.no_grad():
+            log_p0_all = model.log_p0_from_hidden(h[:, start:])
+        log_psi_all = model.twist.full(ids, h, start, cond)
+        values = log_psi_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [K, T], with grad
+        with torch.no_grad():
+            boot = log_psi_all if self.target is None else self.target.full(ids, h, start, cond)
+            # Step t+1's all-vocab quantities sit at index t (paper-spec §0), so the targets of
+            # steps 1..T-1 come from indices 1..T-1.
+            y_next = torch.logsumexp(log_p0_all[:, 1:] + boot[:, 1:].float(), dim=-1)
+            targets = torch.cat([y_next, log_phi.to(y_next)[:, None]], dim=1)
+        per_row = (values - targets).pow(2).mean(dim=1)
+        return per_row, values.detach(), targets
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
@@ -64,14 +116,23 @@ class RL:
         prompt = task.prompt_ids
         with torch.no_grad():
             sis = batch.sample(ess_threshold=0.0)
-        loss_q, values = _squared_error(model, prompt, sis.tokens, sis.log_phi, batch.cond)
+        per_row, values, targets = self.regression(
+            model, prompt, sis.tokens, sis.log_phi, batch.cond
+        )
+        loss_q = per_row.mean()
         loss = loss_q
         metrics = {"train/loss_q": float(loss_q.detach())}
-        if self.needs_exact:
+        if self.positives == "snis":
+            w = batch.normalize(sis.log_w).detach()  # within each o's rows on conditional tasks
+            loss_sigma = (w * per_row).sum()
+            metrics["train/ess_frac"] = float(1.0 / (w.pow(2).sum() * k))
+        elif self.needs_exact:
             with torch.no_grad():
                 pos_tokens = batch.draw_exact(k)
                 pos_log_phi = task.log_phi(pos_tokens, batch.cond)
-            loss_sigma, _ = _squared_error(model, prompt, pos_tokens, pos_log_phi, batch.cond)
+            per_pos, _, _ = self.regression(model, prompt, pos_tokens, pos_log_phi, batch.cond)
+            loss_sigma = per_pos.mean()
+        if self.positives != "sis":
             loss = loss_q + loss_sigma
             metrics["train/loss_sigma"] = float(loss_sigma.detach())
         metrics.update(
@@ -80,7 +141,63 @@ class RL:
                 "train/log_psi_mean": float(values.mean()),
                 "train/log_psi_T_mean": float(values[:, -1].mean()),
                 "train/log_phi_mean": float(sis.log_phi.mean()),
+                "train/target_mean": float(targets.mean()),
                 "train/log_z_hat": sis.log_z_hat,
             }
         )
         return loss, metrics
+
+    # -- the update (the trainer calls setup once, then update per step) ----------------------
+    def setup(self, batch: TrainContext, lr: float) -> None:
+        model = batch.model
+        require_twist("rl", model)
+        params = [p for p in model.twist.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        half = self.lr_half_life
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, (lambda n: 1.0) if half is None else (lambda n: 1.0 / (1.0 + n / half))
+        )
+        self.target = None
+        if self.target_ema > 0:
+            # The frozen base (a conditional head twist holds a reference to its body) is
+            # shared, not copied.
+            memo = {id(model.base): model.base, id(model.body): model.body}
+            self.target = copy.deepcopy(model.twist, memo)
+            for p in self.target.parameters():
+                p.requires_grad_(False)
+
+    def update(self, batch: TrainContext) -> dict[str, float]:
+        _check(self.optimizer is not None, "RL.update needs RL.setup first")
+        assert self.optimizer is not None and self.scheduler is not None
+        loss, metrics = self.loss(batch)
+        metrics["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.target is not None:
+            with torch.no_grad():
+                online = dict(batch.model.twist.named_parameters())
+                for name, p in self.target.named_parameters():
+                    p.lerp_(online[name].detach(), 1.0 - self.target_ema)
+        return metrics
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {} if self.target is None else {"target": self.target}
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.optimizer is not None and self.scheduler is not None, "call setup() first"
+        state: dict[str, Any] = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        if self.target is not None:
+            state["target"] = self.target.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.optimizer is not None and self.scheduler is not None, "call setup() first"
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.target is not None:
+            self.target.load_state_dict(state["target"])
