@@ -49,20 +49,16 @@ def main() -> None:
     for name, model in (("untrained", untrained), ("optimal", optimal)):
         for sampler, thr in (("SIS", 0.0), ("SMC", 1.0)):
             for n in (4, 16, 64, 256, 1024):
-                z = torch.tensor(
-                    [
-                        run_smc(
-                            model,
-                            prompt,
-                            task.output_len,
-                            task.bind(),
-                            n,
-                            ess_threshold=thr,
-                            generator=gen,
-                        ).log_z_hat
-                        for _ in range(REPEATS)
-                    ]
-                )
+                z = run_smc(  # the REPEATS independent runs as one batch of runs
+                    model,
+                    prompt,
+                    task.output_len,
+                    task.bind(),
+                    n,
+                    ess_threshold=thr,
+                    generator=gen,
+                    n_runs=REPEATS,
+                ).log_z_hats
                 print(
                     f"{name:10s} {sampler:6s} {n:5d} {z.mean():15.4f} {z.std():8.4f} "
                     f"{sol.log_z:9.4f}"
