@@ -82,10 +82,10 @@ def _require(cond: bool, msg: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check values the sampler and trainer rely on; raise ConfigError with the fix."""
+    check_ranges(cfg)  # first: it needs no torch (the CLI also runs it before importing torch)
     from smclm.methods import METHODS
     from smclm.smc.resampling import RESAMPLERS  # here: importing config.py needs no torch
 
-    check_ranges(cfg)
     smc = cfg.smc
     n = smc.n_particles
     _require(
@@ -173,8 +173,8 @@ RANGES: tuple[tuple[str, str, str], ...] = (
     ("train.eval_every", "int>0", "16"),
     ("train.checkpoint_keep", "int>=0", "2"),  # 0 keeps every checkpoint
     ("train.progress", "bool", "false"),
+    ("method.lr", ">0", "1e-4"),  # before optimizer.lr, which defaults to it
     ("optimizer.lr", ">0", "1e-4"),
-    ("method.lr", ">0", "1e-4"),
     ("smc.n_particles", "int>0", "64"),
     ("smc.ess_threshold", "[0,1]", "0.5"),
     ("task.output_len", "int>0", "4"),

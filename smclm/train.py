@@ -1,18 +1,27 @@
 """The training loop: sample → loss → step, evaluating, logging and checkpointing on a schedule.
 
-Reads top to bottom: build everything from the config, restore a checkpoint if resuming, evaluate
-before the first update, then update until ``train.updates``, evaluating (and checkpointing) at
-the scheduled steps. SIGTERM/SIGINT finish the current update, save a checkpoint and exit; any
-other failure also saves the last completed step before it propagates. On the CPU a resumed run
-ends with exactly the parameters and metrics of an uninterrupted one: the sampling generator,
-the global RNG and the optimiser state are checkpointed, and evaluation draws from its own
-generator seeded by (seed, step).
+Reads top to bottom: decide how to start (fresh, resume, or nothing to do) before anything loads,
+build everything from the config, restore the checkpoint if resuming, evaluate before the first
+update, then update until ``train.updates``, evaluating (and checkpointing) at the scheduled
+steps. SIGTERM/SIGINT finish the current update, save a checkpoint and exit; any other failure
+also saves the last completed step before it propagates. On the CPU a resumed run ends with
+exactly the parameters and metrics of an uninterrupted one: the sampling generator, the global
+RNG and the optimiser state are checkpointed, and evaluation draws from its own generator seeded
+by (seed, step).
+
+``resume=true`` (see :func:`resume_point`): a run already at ``train.updates`` is left untouched
+(one line, exit 0); a larger ``train.updates`` continues it; a config that would train or measure
+something else is refused before anything loads; an empty or missing run dir starts fresh; an
+unreadable newest checkpoint falls back to the previous kept one.
 """
 
 from __future__ import annotations
 
+import json
 import signal
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +30,38 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from smclm.build import build_world, exact_pool
-from smclm.checkpoint import latest_checkpoint, load_params, load_state, save_checkpoint
+from smclm.checkpoint import (
+    ABSENT,
+    checkpoint_dirs,
+    config_differences,
+    load_params,
+    read_checkpoint,
+    save_checkpoint,
+    set_aside,
+)
 from smclm.compute import ComputeMeter
 from smclm.config import validate
-from smclm.errors import UserError
+from smclm.errors import CheckpointError, UserError
 from smclm.evaluate import Evaluator
 from smclm.methods.base import TrainContext
-from smclm.tracking import Tracker, write_json_atomic
+from smclm.tracking import Tracker, read_metrics, write_json_atomic
+
+# Keys a resume may change: they change neither what is trained nor what is measured (where
+# metrics go, progress bars, threads, the device, checkpoints kept, where the exact-sample cache
+# lives and whether it may be filled). ``train.updates`` may grow (checked on its own); every
+# other difference from the run's config.yaml is refused.
+RESUME_FREE_KEYS = (
+    "resume",
+    "train.updates",
+    "train.progress",
+    "train.checkpoint_keep",
+    "logger",
+    "threads",
+    "device",
+    "exact_samples.cache_dir",
+    "exact_samples.source",
+    "exact_samples.max_draws",
+)
 
 
 class Interrupted(Exception):
@@ -51,35 +85,190 @@ def eval_steps(updates: int, schedule: str, every: int) -> set[int]:
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
-    return {"generator": gen.get_state(), "torch": torch.random.get_rng_state()}
+    return {
+        "generator": gen.get_state(),
+        "torch": torch.random.get_rng_state(),
+        "device": gen.device.type,
+    }
 
 
 def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
+    saved = state.get("device", gen.device.type)
+    if saved != gen.device.type:
+        raise UserError(
+            f"the checkpoint holds the random state of a {saved} run but this one runs on "
+            f"{gen.device.type}; resume it with device={saved}"
+        )
     gen.set_state(state["generator"])
     torch.random.set_rng_state(state["torch"])
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train twists as configured; write config.yaml, metrics.jsonl, summary.json, checkpoints/."""
-    validate(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and not cfg.resume:
+@dataclass
+class ResumePoint:
+    """Where a resumed run starts: its newest readable checkpoint and what was read from it."""
+
+    ckpt: Path
+    state: dict[str, Any]  # load_state(ckpt): optimizer, rng, extra, step, config
+    saved: dict[str, Any]  # the run's saved resolved config (config.yaml)
+    unreadable: list[Path] = field(default_factory=list)  # newer checkpoints that were damaged
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def eval_step(self) -> int:
+        """The last evaluated step (checkpoints older than this record were all written after
+        their evaluation)."""
+        return int(self.state["extra"].get("eval_step", self.step))
+
+    @property
+    def evaluated(self) -> bool:
+        return self.eval_step == self.step
+
+
+class Finished(dict):
+    """The summary of a run that was already complete: a resume that changed nothing."""
+
+
+def resume_point(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
+    """How a run starts, decided from its files before anything loads: None (fresh) or the
+    checkpoint to resume from. Refuses (UserError) a run dir with checkpoints without
+    resume=true, a resume whose config would train or measure something else, and a resume
+    past ``train.updates``."""
+    ckpts = checkpoint_dirs(run_dir, complete=False)
+    if not ckpts:
+        if (run_dir / "summary.json").exists():
+            raise UserError(
+                f"{run_dir} holds a finished run's summary.json but no checkpoints to resume "
+                "from; choose another hydra.run.dir (or move that run away)"
+            )
+        if cfg.resume:
+            print(
+                f"smclm: resume=true but {run_dir} holds no checkpoint to resume: starting a "
+                "fresh run",
+                file=sys.stderr,
+            )
+        return None
+    if not cfg.resume:
         raise UserError(
             f"{run_dir} already holds checkpoints; pass resume=true to continue that "
             "run, or choose another hydra.run.dir"
         )
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    saved = _saved_config(run_dir, ckpts)
+    new = OmegaConf.to_container(cfg, resolve=True)
+    free = RESUME_FREE_KEYS
+    if new["evaluator"]["name"] == "auto":  # resolved only once the model is loaded: see train
+        free = (*free, "evaluator.name")
+    diffs = config_differences(saved, new, free)
+    if diffs:
+        raise UserError(_refusal(run_dir, diffs))
+    unreadable: list[Path] = []
+    for ckpt in reversed(ckpts):
+        try:
+            state = read_checkpoint(ckpt)
+        except CheckpointError as e:
+            unreadable.append(ckpt)
+            print(f"smclm: {e}; trying the previous kept checkpoint", file=sys.stderr)
+            continue
+        point = ResumePoint(ckpt, state, saved, unreadable)
+        if unreadable:
+            print(f"smclm: resuming from {ckpt} (update {point.step})", file=sys.stderr)
+        break
+    else:
+        raise CheckpointError(
+            f"no readable checkpoint in {run_dir / 'checkpoints'} (all {len(ckpts)} are damaged, "
+            "see above); start the run again in another hydra.run.dir"
+        )
+    updates = int(cfg.train.updates)
+    if point.step > updates:
+        raise UserError(
+            f"train.updates={updates} but the run in {run_dir} is already at update "
+            f"{point.step}; pass train.updates={point.step} or more to resume it"
+        )
+    return point
+
+
+def _saved_config(run_dir: Path, ckpts: list[Path]) -> dict[str, Any]:
+    """The run's resolved config: config.yaml, else the newest checkpoint's meta.json."""
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+    for ckpt in reversed(ckpts):
+        try:
+            return json.loads((ckpt / "meta.json").read_text())["config"]
+        except (OSError, ValueError, KeyError):
+            continue
+    raise CheckpointError(
+        f"{run_dir} has checkpoints but neither config.yaml nor a readable meta.json; "
+        "start the run again in another hydra.run.dir"
+    )
+
+
+def _refusal(run_dir: Path, diffs: list[tuple[str, Any, Any]]) -> str:
+    def show(v: Any) -> str:
+        return v if v == ABSENT else repr(v)
+
+    shown = ", ".join(f"{k} (saved {show(a)}, now {show(b)})" for k, a, b in diffs[:4])
+    more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+    return (
+        f"resume=true: the run in {run_dir} was trained with other settings: {shown}{more}; "
+        f"resume it with its own settings ({run_dir / 'config.yaml'}), or train the new ones "
+        "in another hydra.run.dir"
+    )
+
+
+def _complete(cfg: DictConfig, run_dir: Path, point: ResumePoint) -> Finished:
+    """A resume of a run already at train.updates: change nothing, say so."""
+    path = run_dir / "summary.json"
+    if path.is_file():
+        summary = json.loads(path.read_text())
+    else:  # stopped between its last checkpoint and its summary: rebuilt from its records
+        summary = _summary_from_records(cfg, run_dir, point)
+        write_json_atomic(path, summary)
+    print(
+        f"smclm: run {run_dir} is complete (update {point.step} of train.updates="
+        f"{point.step}); nothing to do (a larger train.updates continues it)"
+    )
+    return Finished(summary)
+
+
+def _summary_from_records(cfg: DictConfig, run_dir: Path, point: ResumePoint) -> dict[str, Any]:
+    rows = [r for r in read_metrics(run_dir) if r.get("step") == point.step]
+    meter = ComputeMeter()
+    meter.load_state_dict(point.state["extra"].get("compute", {}))
+    merged: dict[str, Any] = {k: v for r in rows for k, v in r.items() if k != "step"}
+    return {
+        **merged,
+        **meter.totals(),
+        "run/task": point.saved["task"]["name"],
+        "run/method": point.saved["method"]["name"],
+        "run/evaluator": point.saved["evaluator"]["name"],
+        "run/seed": int(point.saved["seed"]),
+        "run/updates": point.step,
+    }
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train twists as configured; write config.yaml, metrics.jsonl, summary.json, checkpoints/.
+
+    Returns the summary (a :class:`Finished` one, unchanged on disk, when a resume found the
+    run complete)."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    start = resume_point(cfg, run_dir)  # every refusal comes before anything loads
+    updates = int(cfg.train.updates)
+    if start is not None and start.step == updates and start.evaluated:
+        return _complete(cfg, run_dir, start)
 
     world = build_world(cfg)
     model, task = world.model, world.task
     method = world.learner  # built first by build_world: what it needs shapes the world
-    evaluator = Evaluator(cfg, world, None)  # checks enumerability before any sampling
-    if resolved["evaluator"]["name"] != evaluator.name:  # evaluator=auto: record the choice
-        resolved["evaluator"]["name"] = evaluator.name
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    evaluator = Evaluator(cfg, world, None)  # checks enumerability; resolves evaluator=auto
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # with the evaluator chosen
+    saved_evaluator = start.saved["evaluator"]["name"] if start is not None else evaluator.name
+    if saved_evaluator != evaluator.name:  # evaluator=auto chose another one than the run's
+        raise UserError(_refusal(run_dir, [("evaluator.name", saved_evaluator, evaluator.name)]))
     conditional = task.cond_len > 0
     pool = None
     if method.needs_exact or evaluator.needs_pool or conditional:
@@ -122,22 +311,23 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         params = [p for p in trainables.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
-    step = 0
-    if ckpt is not None:
-        state = load_state(ckpt)
-        load_params(ckpt, trainables)
-        if owns_update:
-            method.load_state_dict(state["optimizer"])
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(gen, state["rng"])
-        meter.load_state_dict(state["extra"].get("compute", {}))
-        step = int(state["step"])
-    tracker = Tracker(run_dir, cfg.logger, cfg, resume_step=step if ckpt is not None else None)
-    updates = int(cfg.train.updates)
     schedule = eval_steps(updates, cfg.train.schedule, int(cfg.train.eval_every))
+    step = eval_step = 0
+    if start is not None:
+        step, eval_step = _restore(start, trainables, method, optimizer, gen, meter)
+    # Files change only from here on: the run is going ahead.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for bad in start.unreadable if start is not None else []:
+        print(f"smclm: {bad} kept as {set_aside(bad)}", file=sys.stderr)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker = Tracker(run_dir, cfg.logger, cfg, resume_step=None if start is None else step)
+    last_eval: dict[str, Any] = {}
+    last_train = _update_record(run_dir, step) if start is not None else {}
+    saved_step = step if start is not None else -1
 
     def checkpoint() -> Path:
+        nonlocal saved_step
+        saved_step = step
         return save_checkpoint(
             run_dir,
             step,
@@ -146,16 +336,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             _rng_state(gen),
             resolved,
             keep=int(cfg.train.checkpoint_keep),
-            extra={"compute": meter.state_dict()},
+            extra={"compute": meter.state_dict(), "eval_step": eval_step},
         )
+
+    def evaluate() -> dict[str, Any]:
+        nonlocal eval_step
+        out = _evaluate(evaluator, tracker, step, meter)
+        eval_step = step
+        return out
 
     stop: list[int] = []
     handlers = {
         s: signal.signal(s, lambda signum, _: stop.append(signum))
         for s in (signal.SIGTERM, signal.SIGINT)
     }
-    last_eval: dict[str, Any] = {}
-    last_train: dict[str, float] = {}
     started = time.perf_counter()
     bar = tqdm(
         total=updates,
@@ -165,8 +359,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         dynamic_ncols=True,
     )
     try:
-        if ckpt is None:  # the first evaluation always runs before any update
-            last_eval = _evaluate(evaluator, tracker, step, meter)
+        # the first evaluation always runs before any update; a run stopped during a scheduled
+        # evaluation (its checkpoint says so) repeats it
+        if start is None or (step in schedule and eval_step != step):
+            last_eval = evaluate()
             checkpoint()
         while step < updates:
             t0 = time.perf_counter()
@@ -184,16 +380,28 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             last_train = {**metrics, **meter.end(), "time/update_s": time.perf_counter() - t0}
             tracker.log(step, last_train)
             if step in schedule:
-                last_eval = _evaluate(evaluator, tracker, step, meter)
+                last_eval = evaluate()
                 checkpoint()
             bar.update(1)
             bar.set_postfix(_postfix(last_train, last_eval))
-            if stop:
+            if stop and step < updates:  # at the last update the run is done: finish it
                 raise Interrupted(stop[0], step, checkpoint())
+        summary = {
+            **last_train,
+            **last_eval,
+            **meter.totals(),
+            "run/task": task.name,
+            "run/method": cfg.method.name,
+            "run/evaluator": evaluator.name,
+            "run/seed": int(cfg.seed),
+            "run/updates": step,
+            "time/total_s": time.perf_counter() - started,
+        }
+        write_json_atomic(run_dir / "summary.json", summary)  # signals still wait for this
     except Interrupted:
         raise
     except BaseException:
-        if step > 0:
+        if step > saved_step:
             checkpoint()  # nothing lost: the last completed update is saved
         raise
     finally:
@@ -202,20 +410,35 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             signal.signal(s, h)
         tracker.close()
         meter.close()
-
-    summary = {
-        **last_train,
-        **last_eval,
-        **meter.totals(),
-        "run/task": task.name,
-        "run/method": cfg.method.name,
-        "run/evaluator": evaluator.name,
-        "run/seed": int(cfg.seed),
-        "run/updates": step,
-        "time/total_s": time.perf_counter() - started,
-    }
-    write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def _update_record(run_dir: Path, step: int) -> dict[str, Any]:
+    """The metrics that update ``step`` logged (what the summary reports as the last update's)."""
+    for row in read_metrics(run_dir):
+        if row.get("step") == step and "time/update_s" in row:
+            return {k: v for k, v in row.items() if k != "step"}
+    return {}
+
+
+def _restore(
+    start: ResumePoint,
+    trainables: torch.nn.Module,
+    method: Any,
+    optimizer: torch.optim.Optimizer | None,
+    gen: torch.Generator,
+    meter: ComputeMeter,
+) -> tuple[int, int]:
+    """Load the checkpoint into the built run; returns (step, the step last evaluated)."""
+    state = start.state
+    _set_rng_state(gen, state["rng"])
+    load_params(start.ckpt, trainables)
+    if optimizer is None:
+        method.load_state_dict(state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    meter.load_state_dict(state["extra"].get("compute", {}))
+    return start.step, start.eval_step
 
 
 def _draw_conditioning(batch: TrainContext, cfg: DictConfig, world: Any) -> None:
