@@ -2,6 +2,11 @@
 
 Hydra commands (config overrides, -m multirun, --cfg job, --help): train, eval, sample, collect.
 Plain commands (a directory argument): table, plot.
+
+Bad input of any kind is one line ``smclm: error: …`` and exit status 2: our UserErrors, and
+Hydra's own composition errors (an unknown key, an override that does not parse). torch,
+transformers and the package's modules are imported only inside the commands, so a mistyped
+command line fails in about a second.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from smclm.errors import UserError
@@ -29,6 +33,7 @@ commands:
 Hydra options work after the command: -m (multirun), --cfg job, --help.
 """
 
+
 def _config_path() -> str:
     from smclm.config import config_dir
 
@@ -43,41 +48,86 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
+def _one_line(msg: str) -> str:
+    return " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
+
+
 def _one_line_errors(fn):
     """Hydra prints a traceback for any exception; ours are one line and exit status 2."""
     import functools
-
-    from smclm.smc.sampler import ParticleCollapseError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (UserError, ValueError, ParticleCollapseError) as e:
+        except Exception as e:
+            if not isinstance(e, (UserError, ValueError)):  # these need no import of torch
+                from smclm.smc.sampler import ParticleCollapseError
+                from smclm.train import Interrupted
+
+                if isinstance(e, Interrupted):
+                    print(f"smclm: {e}", file=sys.stderr)
+                    sys.exit(128 + e.signum)
+                if not isinstance(e, ParticleCollapseError):
+                    raise
             if os.environ.get("SMCLM_DEBUG"):
                 raise
-            _fail(str(e))
-        except Exception as e:
-            from smclm.train import Interrupted
-
-            if not isinstance(e, Interrupted):
-                raise
-            print(f"smclm: {e}", file=sys.stderr)
-            sys.exit(128 + e.signum)
+            _fail(_one_line(str(e)))
 
     return wrapper
 
 
+def _hydra_error(e: Exception) -> str | None:
+    """One line for an error Hydra raises while composing the config (an unknown key, an
+    override that does not parse), or None for anything else."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(e, (HydraException, OmegaConfBaseException)):
+        return None
+    from hydra.errors import OverrideParseException
+
+    msg = _one_line(str(e))
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse the override {e.override!r}: {msg}"
+    cause = e.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        msg += f" ({str(cause).strip().splitlines()[0]})"
+    return f"{msg}; `smclm <command> --cfg job` prints every key"
+
+
+def _precheck(cfg: DictConfig) -> None:
+    """What can be checked before torch is imported (seconds): types and ranges of the config's
+    values, and ``run=``/``checkpoint=`` directories."""
+    from smclm.config import check_ranges
+
+    check_ranges(cfg)
+    if not cfg.get("run"):
+        return
+    from smclm.checkpoint import find_checkpoint
+
+    find_checkpoint(cfg.run, cfg.get("checkpoint"))
+    if not (Path(cfg.run) / "config.yaml").is_file():
+        raise UserError(
+            f"run={cfg.run} has no config.yaml; give a run directory written by smclm train"
+        )
+
+
 def _run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
     return Path(HydraConfig.get().runtime.output_dir)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @_one_line_errors
 def train_main(cfg: DictConfig) -> None:
-    from smclm.train import train
+    _precheck(cfg)
+    from smclm.train import Finished, train
 
     summary = train(cfg, _run_dir())
+    if isinstance(summary, Finished):
+        return  # a resume found the run complete and said so in one line
     keys = [
         k
         for k in (
@@ -98,6 +148,7 @@ def train_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 @_one_line_errors
 def eval_main(cfg: DictConfig) -> None:
+    _precheck(cfg)
     from smclm.evaluate import evaluate
 
     out_dir = None if cfg.get("run") else _run_dir()
@@ -112,6 +163,7 @@ def eval_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 @_one_line_errors
 def sample_main(cfg: DictConfig) -> None:
+    _precheck(cfg)
     from smclm.sample import sample
 
     sample(cfg)
@@ -120,6 +172,7 @@ def sample_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="collect")
 @_one_line_errors
 def collect_main(cfg: DictConfig) -> None:
+    _precheck(cfg)
     from smclm.sample import collect
 
     collect(cfg)
@@ -161,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     if cmd in ("-h", "--help", "help"):
         print(USAGE)
         return
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    # Hydra raises its composition errors to us (one line below) instead of printing them
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         if cmd in ("table", "plot"):
             _dir_command(cmd, rest)
@@ -175,10 +229,12 @@ def main(argv: list[str] | None = None) -> None:
         check_group_overrides(rest)
         sys.argv = [f"smclm {cmd}", *rest]
         HYDRA_COMMANDS[cmd]()
-    except (UserError, ValueError) as e:
-        if os.environ.get("SMCLM_DEBUG"):
+    except Exception as e:
+        one_line = _one_line(str(e)) if isinstance(e, (UserError, ValueError)) else None
+        one_line = one_line or _hydra_error(e)
+        if one_line is None or os.environ.get("SMCLM_DEBUG"):
             raise
-        _fail(str(e))
+        _fail(one_line)
 
 
 if __name__ == "__main__":
