@@ -120,7 +120,7 @@ class Evaluator:
                     proposals=tuple(ev.proposals),
                     log_z_exact=log_z_exact,
                     n_g_q=ev.get("n_g_q"),
-                    max_batch_particles=int(ev.get("max_batch_particles", 4096)),
+                    max_batch_particles=int(ev.get("max_batch_particles", 2048)),
                     cond=cond,
                     progress=False,
                     # a policy without twists: SIS bounds only (SMC would target p₀'s marginals)

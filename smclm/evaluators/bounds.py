@@ -248,7 +248,7 @@ def evaluate_bounds(
     n_g_q: int | None = None,
     cond: Tensor | None = None,
     progress: bool = False,
-    max_batch_particles: int = 4096,
+    max_batch_particles: int = 2048,
     smc: bool = True,
     smc_runs_per_call: int | None = None,
 ) -> dict[str, float | str]:
@@ -287,7 +287,7 @@ def evaluate_bounds(
     if max_batch_particles < 1:
         raise ConfigError(
             f"evaluator.max_batch_particles={max_batch_particles} must be a positive number of "
-            "particles per sampler call (e.g. 4096)"
+            "particles per sampler call (e.g. 2048)"
         )
     bar = tqdm(
         total=len(proposals) * len(ks) * (2 * n_exact if smc else 1),
