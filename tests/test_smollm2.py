@@ -203,3 +203,69 @@ def test_gguf_errors_are_one_line_naming_the_file_and_the_fix(tmp_path, monkeypa
     )
     with pytest.raises(UserError, match=r"no package no_such_package_xyz; install it \(pip"):
         load_base_model("smollm2")
+
+
+def test_the_cached_tokenizer_equals_the_gguf_tokenizer(world):
+    """The tokenizer saved with the dequantised model encodes and decodes as the one read from
+    the GGUF file itself."""
+    from transformers import AutoTokenizer
+
+    path = gguf_mod.packaged_gguf("smollm2")
+    original = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    texts = [
+        PROMPT,
+        "  two  spaces\nand a new line\t tab",
+        "émigré — naïve café ☕ 日本語",
+        "x" * 40,
+    ]
+    for text in texts:
+        ids = original(text, add_special_tokens=False)["input_ids"]
+        assert world.tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+        assert world.tokenizer.decode(ids) == original.decode(ids) == text
+    assert world.tokenizer.bos_token_id == original.bos_token_id
+    assert world.tokenizer.eos_token_id == original.eos_token_id
+
+
+@pytest.mark.slow
+def test_train_sample_and_eval_on_smollm2_from_the_command_line(tmp_path):
+    """The README's real-model commands, shortened: CTL on infilling_2 (T = 2, c = 1), then
+    sampling from and evaluating the trained run, with no FutureWarning in any output."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the dequantised model from the smclm cache
+
+    def smclm(*args):
+        proc = subprocess.run(
+            [sys.executable, "-m", "smclm.cli", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1800,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "FutureWarning" not in proc.stderr + proc.stdout
+        return proc
+
+    run = tmp_path / "run"
+    smclm(
+        "train",
+        "experiment=infilling_2",
+        "model=smollm2",
+        "smc.n_particles=20",
+        "train.updates=2",
+        "evaluator.particles=[8]",
+        "evaluator.n_exact=2",
+        "exact_samples.n=40",
+        f"exact_samples.cache_dir={tmp_path / 'exact'}",
+        "train.progress=false",
+        f"hydra.run.dir={run}",
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["run/evaluator"] == "bounds" and "bounds/log_z_lower_smc" in summary
+    out = smclm("sample", f"run={run}", "n=4", "cond=' house'").stdout
+    assert "log Z-hat =" in out
+    smclm("eval", f"run={run}", "evaluator.particles=[8]", "evaluator.n_exact=2")
+    assert "bounds/log_z_upper_smc" in json.loads((run / "eval" / "summary.json").read_text())

@@ -164,8 +164,14 @@ def dequantised_dir(path: Path, cache_root: Path | None = None) -> Path:
     entry = root / "models" / f"{path.stem}-{file_key(path, root)}"
     if _entry_complete(entry):
         return entry
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    except OSError as e:
+        raise GGUFError(
+            f"cannot write the dequantised model of {path.name} under {entry.parent} "
+            f"({e.strerror}); set SMCLM_CACHE to a writable directory"
+        ) from e
     try:
         _convert(path, tmp)
         (tmp / "smclm_source.json").write_text(
