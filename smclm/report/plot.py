@@ -22,7 +22,6 @@ import os
 import re
 import statistics
 from pathlib import Path
-from typing import Any
 
 from smclm.report.table import Run, _finite, require_runs, run_kls, task_log_z
 
@@ -149,16 +148,6 @@ def plot_bounds(root: str | os.PathLike, out_path: str | os.PathLike) -> Path:
 # -- KL vs updates ------------------------------------------------------------------------------
 
 
-def _rows_by_step(run: Run) -> dict[int, dict[str, Any]]:
-    """metrics.jsonl rows merged per step (train and eval rows share a step)."""
-    by_step: dict[int, dict[str, Any]] = {}
-    for row in run.metrics():
-        step = row.get("step")
-        if isinstance(step, int):
-            by_step.setdefault(step, {}).update(row)
-    return by_step
-
-
 CURVE_KEYS = (  # (panel, key in run_kls, exact?)
     ("KL(q‖σ)", "kl_q_sigma", False),
     ("KL(q‖σ)", "kl_q_sigma_exact", True),
@@ -167,29 +156,51 @@ CURVE_KEYS = (  # (panel, key in run_kls, exact?)
 )
 
 
-def kl_curves(runs: list[Run], log_z: float | None) -> dict[str, dict[str, dict[int, list[float]]]]:
-    """{method: {curve key: {step: [value per seed]}}} for the runs of one task."""
+def kl_curves(
+    runs: list[Run], log_z: float | None, label=lambda r: r.method
+) -> dict[str, dict[str, dict[int, list[float]]]]:
+    """{label: {curve key: {step: [value per seed]}}} for the runs of one task; the label is the
+    method (with the variant, e.g. exact/approx positives, for a paper result that has them)."""
     out: dict[str, dict[str, dict[int, list[float]]]] = {}
     for r in runs:
-        for step, row in sorted(_rows_by_step(r).items()):
+        for step, row in sorted(r.rows_by_step().items()):
             kls = run_kls(row, log_z)
             for _, key, _ in CURVE_KEYS:
                 val = kls[key]
                 if val is not None:
-                    by_step = out.setdefault(r.method, {}).setdefault(key, {})
+                    by_step = out.setdefault(label(r), {}).setdefault(key, {})
                     by_step.setdefault(step, []).append(val)
     return out
 
 
+def _paper_of(runs: list[Run]):
+    """The paper result these runs reproduce, or None (see smclm.report.paper)."""
+    from smclm.errors import UserError
+    from smclm.report import paper
+
+    try:
+        name = paper.detect_result(runs)
+        return paper.paper_result(name) if name else None
+    except UserError:
+        return None
+
+
 def plot_kl_curves(root: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """KL(q‖σ) and KL(σ‖q) vs updates, one row of two panels per task."""
+    """KL(q‖σ) and KL(σ‖q) vs updates, one row of two panels per task. When the runs reproduce a
+    paper result, the paper's final value (mean ± 95% CI) is a star at the last update."""
     runs = require_runs(root)
+    result = _paper_of(runs)
+    variants = result is not None and len(result.variants) > 1
+
+    def label(r: Run) -> str:
+        return f"{r.method} {result.variant_of(r.config)}" if variants else r.method
+
     tasks: dict[str, list[Run]] = {}
     for r in runs:
         tasks.setdefault(r.task, []).append(r)
     data = {}
     for task, task_runs in sorted(tasks.items()):
-        curves = kl_curves(task_runs, task_log_z(task_runs)[0])
+        curves = kl_curves(task_runs, task_log_z([r.final for r in task_runs])[0], label)
         if curves:
             data[task] = curves
     if not data:
@@ -231,6 +242,18 @@ def plot_kl_curves(root: str | os.PathLike, out_path: str | os.PathLike) -> Path
                         alpha=0.15,
                         lw=0,
                     )
+        if result is not None and result.task == task:
+            last = max(s for by_key in curves.values() for v in by_key.values() for s in v)
+            for name in curves:
+                method, _, variant = name.partition(" ")
+                paper_vals = result.values.get(method, {}).get(variant, {})
+                for panel, key in (("KL(q‖σ)", "kl_q_sigma"), ("KL(σ‖q)", "kl_sigma_q")):
+                    if key in paper_vals:
+                        mean, ci = paper_vals[key]
+                        panel_axes[panel].errorbar(
+                            [last], [mean], yerr=[ci], fmt="*", ms=9, capsize=3,
+                            color=colours[name], label=f"{name} (paper, its final update)",
+                        )  # fmt: skip
         for panel, ax in panel_axes.items():
             ax.set_title(f"{task}: {panel}")
             ax.set_xlabel("updates")

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Table 8 of Zhao et al. (ICML 2024): infilling with T = 2 tokens before c = 1 conditioning token.
+# CTL, RL, SIXO, FUDGE, DPG and PPO (experiment=infilling_2), E_o KL(q‖σ) and E_o KL(σ‖q) beside
+# the paper's numbers, in one results directory (report.md, table.md/csv, kl_curves.png, ...).
+#
+#   scripts/paper/table8_infilling2.sh [--profile paper|cpu|smoke] [--launcher slurm|local]
+#                                      [--out DIR] [hydra overrides, e.g. model=smollm2]
+#
+# Profiles (the reductions from the paper's settings, recorded in each run and in the report):
+#   paper  the paper's: 8192 updates (exponential schedule) of 100 rows, CTL 10 o × 10 particles,
+#          eval K = 32, 500 on 4 o's, 2000 exact (s, o) pairs, seeds 0-4 (one GPU)
+#   cpu    about an hour on 2 CPU cores with model=smollm2: 3 seeds, 32 updates of 20 rows
+#          (CTL 2 o × 10), eval K = 8, 32, 200 exact pairs
+#   smoke  seconds, for tests (with tiny models passed as overrides)
+RESULT=table8
+EXPERIMENT=infilling_2
+METHODS=ctl,rl,sixo,fudge,dpg,ppo
+PAPER=(seed=0,1,2,3,4)
+CPU=(seed=0,1,2 train.updates=32 smc.n_particles=20 "evaluator.particles=[8,32]" exact_samples.n=200)
+SMOKE=(seed=0 train.updates=2 smc.n_particles=10 "evaluator.particles=[4]" evaluator.n_exact=2
+  exact_samples.n=8 train.progress=false)
+source "$(dirname "$0")/_common.sh"
+
+sweep all "method=$METHODS"
+report
