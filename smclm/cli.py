@@ -27,7 +27,8 @@ commands:
   eval     evaluate a trained run (run=<dir>) or the configured model/task/twist
   sample   print SMC samples with weights and log Z-hat (run=<dir> to use a trained twist)
   collect  collect exact target samples into the cache (task=... n=2000)
-  table    smclm table <sweep dir>: KL table (table.md, table.csv) from runs' summary.json
+  table    smclm table <sweep dir> [--at KEY=N] [--paper R]: KL table (table.md, table.csv),
+           beside the paper's numbers for a paper setting; --at: at equal compute
   plot     smclm plot <run or sweep dir>: log-Z bounds vs particles, KL vs updates (PNG)
 
 Hydra options work after the command: -m (multirun), --cfg job, --help.
@@ -179,22 +180,20 @@ def collect_main(cfg: DictConfig) -> None:
 
 
 def _dir_command(name: str, argv: list[str]) -> None:
+    if name == "table":  # <dir> [--at KEY=N] [--paper RESULT] [--out DIR]: see smclm table --help
+        from smclm.report.table import table_command
+
+        table_command(argv)
+        return
     if len(argv) != 1 or argv[0].startswith("-"):
         _fail(f"usage: smclm {name} <run or sweep directory>")
     root = Path(argv[0])
     if not root.is_dir():
         _fail(f"{root}: no such directory; give a run or sweep directory")
-    if name == "table":
-        from smclm.report.table import make_table
+    from smclm.report.plot import make_plots
 
-        markdown, _ = make_table(root)
-        print(markdown)
-        print(f"wrote {root / 'table.md'} and {root / 'table.csv'}")
-    else:
-        from smclm.report.plot import make_plots
-
-        for path in make_plots(root):
-            print(f"wrote {path}")
+    for path in make_plots(root):
+        print(f"wrote {path}")
 
 
 HYDRA_COMMANDS = {
