@@ -31,12 +31,12 @@ test-all: $(STAMP)  ## every test, slow ones included
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)  ## ruff check + format check
-	$(BIN)/ruff check smclm tests scripts
-	$(BIN)/ruff format --check smclm tests scripts
+	$(BIN)/ruff check smclm tests scripts examples
+	$(BIN)/ruff format --check smclm tests scripts examples
 
 format: $(STAMP)  ## ruff fix + format
-	$(BIN)/ruff check --fix smclm tests scripts
-	$(BIN)/ruff format smclm tests scripts
+	$(BIN)/ruff check --fix smclm tests scripts examples
+	$(BIN)/ruff format smclm tests scripts examples
 
 paper:  ## list scripts/paper/*.sh, one per paper table/figure (each takes --profile paper|cpu|smoke)
 	@for f in scripts/paper/[a-z]*.sh; do printf '  %-42s %s\n' "$$f" "$$(sed -n 2p $$f | cut -c3-)"; done

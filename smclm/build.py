@@ -78,7 +78,7 @@ def instantiate_node(node: DictConfig, key: str, **kwargs: Any) -> Any:
         )
     missing = sorted(OmegaConf.missing_keys(node))
     if missing:
-        keys = ", ".join(f"{key}.{m}" for m in missing)
+        keys = ", ".join(m if m.startswith(f"{key}.") else f"{key}.{m}" for m in missing)
         raise ConfigError(f"{keys} must be set (it is ??? in the config); give a value")
     try:
         return instantiate(node, **kwargs, _convert_="all")
@@ -88,9 +88,12 @@ def instantiate_node(node: DictConfig, key: str, **kwargs: Any) -> Any:
             raise cause from None
         located = re.match(r"Error locating target '([^']+)'", str(e))
         if located:
-            detail = [ln for ln in str(cause).splitlines() if ln.strip()][1:2] or [str(cause)]
+            lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+            detail = lines[1] if len(lines) > 1 else str(cause)
+            quoted = re.match(r"\w+\((['\"])(.*)\1\)$", detail)  # ModuleNotFoundError("…")
+            detail = quoted.group(2) if quoted else detail
             raise ConfigError(
-                f"{key}: cannot import {located.group(1)} ({detail[0].strip()}); check the "
+                f"{key}: cannot import {located.group(1)} ({detail}); check the "
                 "dotted path, and that its package is installed or on PYTHONPATH"
             ) from e
         what = str(cause) if cause is not None else str(e).splitlines()[-1]

@@ -54,10 +54,10 @@ def locate(target: str, key: str = "method._target_") -> Any:
     try:
         return get_object(target)
     except Exception as e:
-        cause = e.__cause__ or e
-        first = str(cause).strip().splitlines()[-1 if "installed" in str(cause) else 0]
+        lines = [ln.strip() for ln in str(e.__cause__ or e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
         raise ConfigError(
-            f"{key}={target} cannot be imported ({first.strip()}); check the dotted path, and "
+            f"{key}={target} cannot be imported ({detail}); check the dotted path, and "
             "that its package is installed or on PYTHONPATH"
         ) from e
 
