@@ -1,6 +1,11 @@
 """A task: a prompt, an output length T and a potential log φ over full output sequences.
 
-Potentials are plain callables ``log_phi(tokens [N, T], cond [N, c] | None) -> [N]`` (float32).
+Potentials are plain callables ``log_phi(tokens [N, T], cond [N, c] | None) -> [N]`` (float32):
+``tokens`` are the N output sequences as the LM's token ids (long, the prompt excluded, on the
+sampler's device), ``cond`` the conditioning tokens o of each row (conditional tasks) or None.
+log φ = −∞ (φ = 0) is allowed; NaN or +∞ is a :class:`smclm.errors.PotentialError`. A potential
+over text decodes the ids itself (:mod:`smclm.tasks.text_scorer`, :mod:`smclm.tasks.classifier`).
+Tasks are made by task builders named in the config by ``_target_`` (:mod:`smclm.tasks.plugin`).
 ``log_phi_max`` is a known upper bound on log φ (0 for indicators and class probabilities), used
 by rejection sampling of exact target samples; None when no bound is known. ``beta`` is the
 potential's inverse temperature where it has one (PPO's reward is log φ / β).
