@@ -268,3 +268,18 @@ def test_a_non_editable_install_finds_its_configs(tmp_path):
     trained = run("train", "train.updates=1", "train.progress=false", "hydra.run.dir=run")
     assert trained.returncode == 0, trained.stderr
     assert (elsewhere / "run" / "summary.json").is_file()
+
+
+def test_method_configs_name_the_registered_learners():
+    """configs/method/<name>.yaml and ``build_method(<name>)`` build the same learner."""
+    from smclm.methods import METHODS
+
+    files = sorted((config_dir() / "method").glob("*.yaml"))
+    for path in files:
+        cfg = OmegaConf.load(path)
+        assert cfg.name == path.stem
+        if path.stem == "none":  # no learner
+            assert "_target_" not in cfg
+        else:
+            assert cfg._target_ == METHODS[path.stem], path.stem
+    assert sorted(METHODS) == sorted(p.stem for p in files if p.stem != "none")
