@@ -432,46 +432,6 @@ def run_smc(
     )
 
 
-def concat_results(results: list[SMCResult]) -> SMCResult:
-    """One SMCResult from consecutive chunks of runs with the same K and T (rows and runs in
-    order; per-step infos merged run by run; log Ẑ the mean over all runs)."""
-    if len(results) == 1:
-        return results[0]
-    cat = lambda name: torch.cat([getattr(r, name) for r in results])  # noqa: E731
-    log_z = torch.cat([r.log_z_hats.cpu() for r in results])
-    g = int(log_z.numel())
-    infos = []
-    for steps in zip(*(r.infos for r in results)):
-        ess_r = tuple(x for i in steps for x in i.ess_runs)
-        res_r = tuple(x for i in steps for x in i.resampled_runs)
-        unique_r = tuple(x for i in steps for x in i.n_unique_runs)
-        inc_r = tuple(x for i in steps for x in i.log_z_increment_runs)
-        infos.append(
-            StepInfo(
-                steps[0].t,
-                sum(ess_r) / g,
-                any(res_r),
-                sum(unique_r),
-                sum(inc_r) / g,
-                ess_r,
-                res_r,
-                unique_r,
-                inc_r,
-            )
-        )
-    return SMCResult(
-        cat("tokens"),
-        cat("log_w"),
-        float(log_z.mean()),
-        cat("log_phi"),
-        cat("log_p0"),
-        cat("log_q"),
-        infos,
-        log_z,
-        g,
-    )
-
-
 def no_potential(tokens: Tensor) -> Tensor:
     """log φ ≡ 0 (p₀ samples that need no weight; an all-zero φ cannot abort such a run)."""
     return torch.zeros(tokens.shape[0], device=tokens.device)
