@@ -68,12 +68,9 @@ class Tracker:
         return id_file.read_text().strip()
 
     def _truncate_after(self, step: int) -> None:
-        """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        """Drop rows logged after the checkpoint we resume from (they will be logged again),
+        and a last row cut short by a kill while it was written."""
+        keep = [line for line, row in _rows(self.path) if row.get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -90,8 +87,22 @@ class Tracker:
             self._wandb.finish()
 
 
+def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of a metrics.jsonl; a line that does not parse (a row cut short when its
+    process was killed while writing) is left out."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            out.append((line, row))
+    return out
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in _rows(path)]

@@ -312,3 +312,68 @@ def test_potential_check_in_python():
     bound = cond_task.bind(torch.zeros(4, 1, dtype=torch.long))
     with pytest.raises(PotentialError, match="NaN for 4 and"):
         bound.from_cache(None, None, tokens[:4])
+
+
+# -- the same lifecycle through train() (cheaper; the paths a subprocess cannot reach) ---------
+
+
+def make_cfg(*overrides):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("smclm.configs", version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_a_complete_run_without_its_summary_gets_it_back(tmp_path):
+    """Stopped between its last checkpoint and summary.json: the resume rebuilds the summary
+    from the run's records (every key but the wall time of the whole run) and trains nothing."""
+    from smclm.train import Finished, train
+
+    args = [*TINY, "train.updates=2", "train.eval_every=1"]
+    original = train(make_cfg(*args), tmp_path)
+    (tmp_path / "summary.json").unlink()
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    again = train(make_cfg(*args, "resume=true"), tmp_path)
+    assert isinstance(again, Finished)
+    rebuilt = json.loads((tmp_path / "summary.json").read_text())
+    expected = {k: v for k, v in json.loads(json.dumps(original)).items() if k != "time/total_s"}
+    assert rebuilt == expected
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_run_stopped_during_an_evaluation_repeats_it(tmp_path, monkeypatch):
+    """A failure inside the evaluation at update 2 saves update 2's checkpoint marked as not
+    evaluated, and a last metrics row cut short by a kill is dropped: the resume evaluates
+    update 2 again and ends as an uninterrupted run."""
+    import smclm.train as train_mod
+
+    args = [*TINY, "train.updates=3", "train.eval_every=1"]
+    train_mod.train(make_cfg(*args), tmp_path / "whole")
+    real = train_mod._evaluate
+
+    def failing(evaluator, tracker, step, meter):
+        if step == 2:
+            raise RuntimeError("the evaluation failed")
+        return real(evaluator, tracker, step, meter)
+
+    monkeypatch.setattr(train_mod, "_evaluate", failing)
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        train_mod.train(make_cfg(*args), tmp_path / "split")
+    monkeypatch.setattr(train_mod, "_evaluate", real)
+    assert (tmp_path / "split/checkpoints/step_2").is_dir()
+    with (tmp_path / "split/metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "kl/sigma_q_ex')  # a row cut short
+    train_mod.train(make_cfg(*args, "resume=true"), tmp_path / "split")
+    assert_same_params(params(tmp_path / "whole", 3), params(tmp_path / "split", 3))
+    assert rows(tmp_path / "split") == rows(tmp_path / "whole")
+    assert summary(tmp_path / "split") == summary(tmp_path / "whole")
+
+
+def test_random_state_of_another_device_is_refused():
+    from smclm.errors import UserError
+    from smclm.train import _rng_state, _set_rng_state
+
+    gen = torch.Generator().manual_seed(0)
+    state = {**_rng_state(gen), "device": "cuda"}
+    with pytest.raises(UserError, match="resume it with device=cuda"):
+        _set_rng_state(gen, state)
