@@ -96,6 +96,8 @@ def instantiate_node(node: DictConfig, key: str, **kwargs: Any) -> Any:
                 f"{key}: cannot import {located.group(1)} ({detail}); check the "
                 "dotted path, and that its package is installed or on PYTHONPATH"
             ) from e
+        if cause is not None and not isinstance(cause, (ValueError, TypeError)):
+            raise cause from None  # a bug in the plugin, not a bad value: its traceback
         what = str(cause) if cause is not None else str(e).splitlines()[-1]
         raise ConfigError(f"{key} ({target}): {what.strip().splitlines()[0]}") from e
     except (ValueError, TypeError) as e:
