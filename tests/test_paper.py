@@ -334,3 +334,43 @@ def test_paper_report_from_hand_made_runs_is_detected_and_exact(tmp_path):
     assert "| ctl | 1.200 ± 0.392 | 0.47 ± 0.10 | +0.730 |" in md
     plain, _ = make_table(root, tmp_path / "plain", paper="none")
     assert "paper" not in plain
+
+
+def test_slurm_launcher_config_becomes_sbatch_directives(tmp_path, monkeypatch):
+    """hydra/launcher=slurm: environment variables and defaults reach submitit's sbatch file
+    (partition, time, GPUs, memory, requeue, the signal before the time limit)."""
+    submitit = pytest.importorskip("submitit")  # the slurm extra (make install installs it)
+    from hydra import compose, initialize_config_module
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "srun").chmod(0o755)  # submitit's SLURM executor only checks that srun exists
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SMCLM_SLURM_PARTITION", "gpu")
+    monkeypatch.setenv("SMCLM_SLURM_MEM_GB", "64")
+    overrides = ["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                 "hydra.launcher.gpus_per_node=2"]  # fmt: skip
+    with initialize_config_module("smclm.configs", version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params["_target_"].endswith("SlurmLauncher")
+    # as the Hydra plugin hands them to submitit
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=params["submitit_folder"],
+        slurm_max_num_timeout=params["max_num_timeout"],
+    )  # fmt: skip
+    executor.update_parameters(
+        **{
+            k if k in base else f"slurm_{k}": v
+            for k, v in params.items()
+            if k not in ("submitit_folder", "max_num_timeout", "_target_")
+        }
+    )
+    sbatch = executor._executor._make_submission_file_text("smclm train", "uid")
+    for line in ("--partition=gpu", "--mem=64GB", "--gpus-per-node=2", "--time=600",
+                 "--requeue", "--signal=USR2@120"):  # fmt: skip
+        assert f"#SBATCH {line}\n" in sbatch
+    assert executor._executor.max_num_timeout == 5

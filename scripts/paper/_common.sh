@@ -26,8 +26,7 @@ die() {
 }
 
 usage() {
-  sed -n '2,/^$/s/^# \{0,1\}//p' "$0"
-  echo "usage: $0 [--profile paper|cpu|smoke] [--launcher slurm|local] [--out DIR] [hydra overrides...]"
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"  # the header
 }
 
 PROFILE=paper
