@@ -74,7 +74,8 @@ def instantiate_node(node: DictConfig, key: str, **kwargs: Any) -> Any:
     if not target:
         raise ConfigError(
             f"{key} has no _target_; name the function or class that builds it, e.g. "
-            f"{key}._target_=my_package.my_module.build"
+            f"{key}._target_=my_package.my_module.build (a run's config.yaml written before "
+            f"smclm named its builders needs the _target_ of configs/{key}/<name>.yaml added)"
         )
     missing = sorted(OmegaConf.missing_keys(node))
     if missing:
