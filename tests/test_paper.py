@@ -374,3 +374,23 @@ def test_slurm_launcher_config_becomes_sbatch_directives(tmp_path, monkeypatch):
                  "--requeue", "--signal=USR2@120"):  # fmt: skip
         assert f"#SBATCH {line}\n" in sbatch
     assert executor._executor.max_num_timeout == 5
+
+
+@pytest.mark.parametrize(
+    "experiment,expect",
+    [("infilling_2", "table8"), ("toxicity_classifier", "table2"), ("toy_ctl", None)],
+)
+def test_paper_result_detected_from_the_runs_experiment(tmp_path, experiment, expect):
+    """A sweep made by hand (no paper.* in its config) is a paper setting when its Hydra choices
+    name a paper experiment; Tables 9 and 10 share theirs with Tables 2 and 3 and need --paper."""
+    from smclm.report.paper import detect_result
+
+    d = tmp_path / "0"
+    (d / ".hydra").mkdir(parents=True)
+    (d / "config.yaml").write_text(
+        yaml.safe_dump({"task": {"name": "x"}, "method": {"name": "ctl"}})
+    )
+    (d / "summary.json").write_text("{}")
+    hydra = {"hydra": {"runtime": {"choices": {"experiment": experiment, "method": "ctl"}}}}
+    (d / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    assert detect_result(find_runs(tmp_path)) == expect
