@@ -89,9 +89,7 @@ CASES = [
     # these load the (toy) model first
     ("damaged-checkpoint", ["eval", f"run={FIX}/damaged"], "params.safetensors cannot be read"),
     ("context", ["sample", "task.output_len=100"], "= 101 tokens is longer than model.name=toy"),
-    ("infilling-context", ["train", "task=infilling", "model=toy", "twist=mlp",
-                           "task.prompt=the", "task.output_len=60", "task.cond_len=4"],
-     "task.cond_len 4 = 65 tokens"),
+    # (infilling's T + c and a GPT-2's n_positions: tests/test_lifecycle.py)
     ("cond-length", ["sample", "task=infilling", "model=toy", "twist=mlp", "task.prompt=the",
                      "task.output_len=2", "task.cond_len=2", "cond=the cat sat"],
      "is 3 tokens but task.cond_len=2"),
