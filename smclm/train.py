@@ -218,13 +218,13 @@ def _refusal(run_dir: Path, diffs: list[tuple[str, Any, Any]]) -> str:
     )
 
 
-def _complete(cfg: DictConfig, run_dir: Path, point: ResumePoint) -> Finished:
+def _complete(run_dir: Path, point: ResumePoint) -> Finished:
     """A resume of a run already at train.updates: change nothing, say so."""
     path = run_dir / "summary.json"
     if path.is_file():
         summary = json.loads(path.read_text())
     else:  # stopped between its last checkpoint and its summary: rebuilt from its records
-        summary = _summary_from_records(cfg, run_dir, point)
+        summary = _summary_from_records(run_dir, point)
         write_json_atomic(path, summary)
     print(
         f"smclm: run {run_dir} is complete (update {point.step} of train.updates="
@@ -233,7 +233,7 @@ def _complete(cfg: DictConfig, run_dir: Path, point: ResumePoint) -> Finished:
     return Finished(summary)
 
 
-def _summary_from_records(cfg: DictConfig, run_dir: Path, point: ResumePoint) -> dict[str, Any]:
+def _summary_from_records(run_dir: Path, point: ResumePoint) -> dict[str, Any]:
     rows = [r for r in read_metrics(run_dir) if r.get("step") == point.step]
     meter = ComputeMeter()
     meter.load_state_dict(point.state["extra"].get("compute", {}))
@@ -259,7 +259,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     start = resume_point(cfg, run_dir)  # every refusal comes before anything loads
     updates = int(cfg.train.updates)
     if start is not None and start.step == updates and start.evaluated:
-        return _complete(cfg, run_dir, start)
+        return _complete(run_dir, start)
 
     world = build_world(cfg)
     model, task = world.model, world.task
