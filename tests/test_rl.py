@@ -240,7 +240,8 @@ UPDATES, EVERY = 200, 20
 def test_defaults_learn_without_relapse(world):
     """With the defaults of experiment=toy_rl, seeds 0–2: the exact KL(σ‖q) averaged over the
     last three evaluations is ≤ 0.5× its initial value, and after first falling below 0.5× it
-    never rises above 0.8× (the paper's update relapses on indicator_peaked: issue 14)."""
+    never rises above 0.8×. The paper's update (method.positives=sis) fails this on
+    indicator_peaked (seed 2: last three 0.55, 0.55, 0.54; issue 14's relapse)."""
     options, lr, k = toy_rl_defaults()
     base, task, sol = build_world(world)
     for seed in range(3):
@@ -257,5 +258,5 @@ def test_defaults_learn_without_relapse(world):
         ratios = [x / kls[0] for x in kls]
         print(world, seed, " ".join(f"{r:.2f}" for r in ratios))
         assert sum(ratios[-3:]) / 3 <= 0.5, (seed, ratios)
-        first = next(i for i, r in enumerate(ratios) if r < 0.5)
-        assert max(ratios[first:]) <= 0.8, (seed, ratios)
+        first = next((i for i, r in enumerate(ratios) if r < 0.5), None)
+        assert first is not None and max(ratios[first:]) <= 0.8, (seed, ratios)
