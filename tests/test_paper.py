@@ -108,7 +108,18 @@ def test_table8_smoke_report(table8):
     root, _, proc = table8
     check_report("table8_infilling2", root / "out")
     assert f"results in {root / 'out'}" in proc.stdout
-    assert len(find_runs(root / "out")) == 6
+    runs = find_runs(root / "out")
+    assert len(runs) == 6
+    for run in runs:  # every evaluation record carries the running compute totals
+        rows = run.metrics()
+        evals = [r for r in rows if "time/eval_s" in r and r["step"] > 0]
+        assert evals
+        for ev in evals:
+            sampled = sum(
+                r.get("compute/sampled_tokens", 0) for r in rows if 0 < r["step"] <= ev["step"]
+            )
+            assert ev["compute/total_sampled_tokens"] == sampled > 0
+            assert ev["time/total_update_s"] > 0
 
 
 def run_local(table8, name, *methods):
