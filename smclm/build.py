@@ -320,9 +320,13 @@ def world_for(cfg: DictConfig, command_keys: tuple[str, ...]) -> tuple[World, Di
         return build_world(cfg), cfg, None
     ckpt = find_checkpoint(cfg.run, cfg.get("checkpoint"))
     run_cfg = OmegaConf.load(Path(cfg.run) / "config.yaml")
+    run_particles = run_cfg.smc.n_particles
     for key in command_keys:
         if key in cfg:
             run_cfg[key] = cfg[key]
+    # sample (n=) and eval (evaluator.particles) choose their own particle counts: the run's
+    # smc.n_particles stays, so that its training settings (method.particles_per_cond) validate
+    run_cfg.smc.n_particles = run_particles
     validate(run_cfg)
     world = build_world(run_cfg)
     load_params(ckpt, world.model.trainables())

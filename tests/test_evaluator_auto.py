@@ -131,3 +131,33 @@ def test_toxicity_ctl_runs_as_typed_with_bounds(tiny_lm_dirs, tiny_classifier_di
     assert summary["run/evaluator"] == "bounds"
     assert "bounds/log_z_lower_smc" in summary and "bounds/log_z_upper_smc" in summary
     assert yaml.safe_load((run / "config.yaml").read_text())["evaluator"]["name"] == "bounds"
+
+
+def test_eval_and_sample_of_a_run_with_particles_per_cond(tiny_lm_dirs, tmp_path, capsys):
+    """`smclm eval run=…` and `smclm sample run=…` of an infilling run trained with
+    method.particles_per_cond (infilling_2's 10 o × 10 particles): the commands' own smc
+    settings (default N = 64) must not make the run's training settings invalid."""
+    from smclm.sample import sample
+    from smclm.train import train
+
+    model = [f"model.name={tiny_lm_dirs['gpt_neo']}", "device=cpu", "task.prompt=the"]
+    cache = f"exact_samples.cache_dir={tmp_path / 'exact'}"
+    run = tmp_path / "run"
+    cfg = make_cfg(
+        "train",
+        "experiment=infilling_2",
+        *model,
+        cache,
+        "smc.n_particles=12",
+        "method.particles_per_cond=3",  # divides 12, not the commands' N = 64
+        "train.updates=1",
+        "exact_samples.n=16",
+        "evaluator.particles=[4]",
+        "evaluator.n_exact=2",
+        "train.progress=false",
+    )
+    train(cfg, run)
+    summary = evaluate(make_cfg("eval", f"run={run}", cache, "evaluator.particles=[4]"))
+    assert summary["run/evaluator"] == "exact"  # V = 12, T = 2: 144 sequences per o
+    sample(make_cfg("sample", f"run={run}", "n=5"))
+    assert "log Z-hat =" in capsys.readouterr().out
