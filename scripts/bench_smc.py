@@ -451,26 +451,41 @@ def bench_grouped(name: str, args, device: torch.device) -> dict:
     torch.set_num_threads(threads)
     o_t, pins = o[:GROUPS], s[:GROUPS]
     o_e, s_e = o[:EVAL_EXACT], s[:EVAL_EXACT]
+    parts = [x.strip() for x in args.grouped.split(",") if x.strip()]
     # Warm-up (excluded): a small batched and looped sweep and bounds over 2 samples.
-    train_sweep(lm, task, o_t[:2], pins[:2], SEED, looped=False)
-    train_sweep(lm, task, o_t[:2], pins[:2], SEED, looped=True)
-    eval_bounds(lm, task, s_e[:2], o_e[:2], SEED, looped=False)
-    times: dict[str, list[float]] = {k: [] for k in ("train_looped", "train_batched",
-                                                      "eval_looped", "eval_batched")}  # fmt: skip
+    if "train" in parts:
+        train_sweep(lm, task, o_t[:2], pins[:2], SEED, looped=False)
+        train_sweep(lm, task, o_t[:2], pins[:2], SEED, looped=True)
+    if "eval" in parts:
+        eval_bounds(lm, task, s_e[:2], o_e[:2], SEED, looped=False)
+    names = [f"{p}_{w}" for p in ("train", "eval") if p in parts for w in ("looped", "batched")]
+    times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(reps):
         seed = SEED + 1 + r
-        times["train_looped"].append(timed(train_sweep, device, lm, task, o_t, pins, seed, True))
-        times["train_batched"].append(timed(train_sweep, device, lm, task, o_t, pins, seed, False))
-        times["eval_looped"].append(timed(eval_bounds, device, lm, task, s_e, o_e, seed, True))
-        times["eval_batched"].append(timed(eval_bounds, device, lm, task, s_e, o_e, seed, False))
+        if "train" in parts:
+            times["train_looped"].append(
+                timed(train_sweep, device, lm, task, o_t, pins, seed, True)
+            )
+            times["train_batched"].append(
+                timed(train_sweep, device, lm, task, o_t, pins, seed, False)
+            )
+        if "eval" in parts:
+            times["eval_looped"].append(timed(eval_bounds, device, lm, task, s_e, o_e, seed, True))
+            times["eval_batched"].append(
+                timed(eval_bounds, device, lm, task, s_e, o_e, seed, False)
+            )
         if args.verbose:
             print(f"[bench] {name} grouped round {r}: "
                   + ", ".join(f"{k}={v[-1]:.2f}s" for k, v in times.items()), flush=True)  # fmt: skip
     torch.set_num_threads(default_threads)
     med = {k: statistics.median(x) for k, x in times.items()}
+    out = {}
+    if "train" in parts:
+        out["grouped_train_speedup"] = med["train_looped"] / med["train_batched"]
+    if "eval" in parts:
+        out["grouped_eval_speedup"] = med["eval_looped"] / med["eval_batched"]
     return {
-        "grouped_train_speedup": med["train_looped"] / med["train_batched"],
-        "grouped_eval_speedup": med["eval_looped"] / med["eval_batched"],
+        **out,
         "seconds_median": med,
         "seconds_all": times,
         "config": {
@@ -693,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recompute-logits", choices=["last", "all"], default="last")
     p.add_argument("-v", "--verbose", action="store_true", help="print every timed run")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--grouped", default="train,eval", help="parts of the grouped section")
     p.add_argument("--real-n", type=int, default=64, help="particles of the real section")
     p.add_argument("--real-t", type=int, default=32, help="tokens of the real section")
     p.add_argument("--eval-updates", type=int, default=3, help="updates of the eval section")
