@@ -393,7 +393,7 @@ GROUPS, PER_GROUP, T_GROUP, C_GROUP = 25, 4, 15, 10  # the paper's infilling CTL
 EVAL_K, EVAL_EXACT = 32, 20
 
 
-def _infilling_setup(name: str, dtype: torch.dtype, device: torch.device):
+def _infilling_setup(name: str, dtype: torch.dtype, device: torch.device, t_len: int, c: int):
     """A conditional MLP twist and the infilling potential log p0(o | prompt, s) (read from the
     sampler's KV cache at the last step), T = 15, c = 10; random prompt, o's and "exact" s (the
     timings do not depend on what the tokens are)."""
@@ -404,11 +404,9 @@ def _infilling_setup(name: str, dtype: torch.dtype, device: torch.device):
     v = lm.vocab_size
     gen = torch.Generator().manual_seed(SEED)
     prompt = torch.randint(0, v, (PROMPT_LEN,), generator=gen).to(device)
-    task = Task(
-        "infilling", prompt, T_GROUP, InfillingPotential(lm.base, prompt), None, cond_len=C_GROUP
-    )
-    o = torch.randint(0, v, (max(GROUPS, EVAL_EXACT), C_GROUP), generator=gen).to(device)
-    s = torch.randint(0, v, (max(GROUPS, EVAL_EXACT), T_GROUP), generator=gen).to(device)
+    task = Task("infilling", prompt, t_len, InfillingPotential(lm.base, prompt), None, cond_len=c)
+    o = torch.randint(0, v, (max(GROUPS, EVAL_EXACT), c), generator=gen).to(device)
+    s = torch.randint(0, v, (max(GROUPS, EVAL_EXACT), t_len), generator=gen).to(device)
     return lm, task, o, s
 
 
@@ -422,11 +420,11 @@ def train_sweep(lm, task, o, pins, seed: int, looped: bool) -> None:
     if looped:
         for i in range(g):
             c = o[i : i + 1].expand(PER_GROUP, -1)
-            run_smc(lm, task.prompt_ids, T_GROUP, task.bind(c), PER_GROUP, cond=c,
+            run_smc(lm, task.prompt_ids, task.output_len, task.bind(c), PER_GROUP, cond=c,
                     pinned=pins[i], **args)  # fmt: skip
     else:
         c = o.repeat_interleave(PER_GROUP, dim=0)
-        run_smc(lm, task.prompt_ids, T_GROUP, task.bind(c), PER_GROUP, cond=c, pinned=pins,
+        run_smc(lm, task.prompt_ids, task.output_len, task.bind(c), PER_GROUP, cond=c, pinned=pins,
                 n_runs=g, **args)  # fmt: skip
 
 
@@ -443,14 +441,16 @@ def eval_bounds(lm, task, s, o, seed: int, looped: bool) -> None:
 
 def bench_grouped(name: str, args, device: torch.device) -> dict:
     dtype = model_dtype(name, args, device)
-    lm, task, o, s = _infilling_setup(name, dtype, device)
+    # --quick: a smoke run of the same code (5 o, 4 exact samples, T = 4, c = 2)
+    t_len, c, n_o, n_ex = (4, 2, 5, 4) if args.quick else (T_GROUP, C_GROUP, GROUPS, EVAL_EXACT)
+    lm, task, o, s = _infilling_setup(name, dtype, device, t_len, c)
     small = name == "toy"
     reps = args.repeats or (3 if small else 1)
     threads = args.threads or (1 if small else torch.get_num_threads())
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    o_t, pins = o[:GROUPS], s[:GROUPS]
-    o_e, s_e = o[:EVAL_EXACT], s[:EVAL_EXACT]
+    o_t, pins = o[:n_o], s[:n_o]
+    o_e, s_e = o[:n_ex], s[:n_ex]
     parts = [x.strip() for x in args.grouped.split(",") if x.strip()]
     # Warm-up (excluded): a small batched and looped sweep and bounds over 2 samples.
     if "train" in parts:
@@ -489,9 +489,9 @@ def bench_grouped(name: str, args, device: torch.device) -> dict:
         "seconds_median": med,
         "seconds_all": times,
         "config": {
-            "train": f"cSMC sweep, {GROUPS} o x {PER_GROUP} particles, T={T_GROUP}, c={C_GROUP}",
-            "eval": f"evaluate_bounds K={EVAL_K}, {EVAL_EXACT} exact samples, proposals twist+p0, "
-            f"T={T_GROUP}, c={C_GROUP}",
+            "train": f"cSMC sweep, {n_o} o x {PER_GROUP} particles, T={t_len}, c={c}",
+            "eval": f"evaluate_bounds K={EVAL_K}, {n_ex} exact samples, proposals twist+p0, "
+            f"T={t_len}, c={c}",
             "dtype": str(dtype).replace("torch.", ""),
             "threads": threads,
             "repeats": reps,
