@@ -239,7 +239,7 @@ def test_train_sample_and_eval_on_smollm2_from_the_command_line(tmp_path):
 
     def smclm(*args):
         proc = subprocess.run(
-            [sys.executable, "-m", "smclm.cli", *args],
+            [sys.executable, "-m", "smclm.cli", *args, "threads=1"],
             capture_output=True,
             text=True,
             env=env,
