@@ -190,6 +190,10 @@ def test_gguf_errors_are_one_line_naming_the_file_and_the_fix(tmp_path, monkeypa
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    with pytest.raises(
+        UserError, match=r"no config.json; load one with model=smollm2 .* model.gguf_file=odd.gguf$"
+    ):
+        load_base_model(str(tmp_path))  # forgot model.gguf_file
     with pytest.raises(UserError) as e:
         load_base_model(str(tmp_path), gguf_file="odd.gguf")
     msg = str(e.value)

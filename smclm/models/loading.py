@@ -153,6 +153,18 @@ def load_base_model(
     gguf = resolve_gguf(name, gguf_file)
     if gguf is not None:
         path = str(dequantised_dir(gguf))
+    else:
+        local = os.path.expanduser(name)
+        ggufs = (
+            sorted(f for f in os.listdir(local) if f.endswith(".gguf"))
+            if os.path.isdir(local)
+            else []
+        )
+        if ggufs and not os.path.isfile(os.path.join(local, "config.json")):
+            raise ModelLoadError(
+                f"model.name={name} holds GGUF files but no config.json; load one with "
+                f"model=smollm2 model.name={name} model.gguf_file={ggufs[0]}"
+            )
     return load_pretrained(
         path,
         "model.name",
