@@ -124,7 +124,8 @@ def _run_dir() -> Path:
 @_one_line_errors
 def train_main(cfg: DictConfig) -> None:
     _precheck(cfg)
-    from smclm.train import Finished, train
+    from smclm.resume import Finished
+    from smclm.train import train
 
     summary = train(cfg, _run_dir())
     if isinstance(summary, Finished):

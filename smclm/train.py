@@ -9,7 +9,7 @@ exactly the parameters and metrics of an uninterrupted one: the sampling generat
 RNG and the optimiser state are checkpointed, and evaluation draws from its own generator seeded
 by (seed, step).
 
-``resume=true`` (see :func:`resume_point`): a run already at ``train.updates`` is left untouched
+``resume=true`` (see :func:`smclm.resume.resume_point`): a run already at ``train.updates`` is left untouched
 (one line, exit 0); a larger ``train.updates`` continues it; a config that would train or measure
 something else is refused before anything loads; an empty or missing run dir starts fresh; an
 unreadable newest checkpoint falls back to the previous kept one.
@@ -17,11 +17,9 @@ unreadable newest checkpoint falls back to the previous kept one.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,38 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from smclm.build import build_world, exact_pool
-from smclm.checkpoint import (
-    ABSENT,
-    checkpoint_dirs,
-    config_differences,
-    load_params,
-    read_checkpoint,
-    save_checkpoint,
-    set_aside,
-)
+from smclm.checkpoint import load_params, save_checkpoint, set_aside
 from smclm.compute import ComputeMeter
 from smclm.config import validate
-from smclm.errors import CheckpointError, UserError
+from smclm.errors import UserError
 from smclm.evaluate import Evaluator
 from smclm.methods.base import TrainContext
+from smclm.resume import ResumePoint, complete, refusal, resume_point
 from smclm.tracking import Tracker, read_metrics, write_json_atomic
-
-# Keys a resume may change: they change neither what is trained nor what is measured (where
-# metrics go, progress bars, threads, the device, checkpoints kept, where the exact-sample cache
-# lives and whether it may be filled). ``train.updates`` may grow (checked on its own); every
-# other difference from the run's config.yaml is refused.
-RESUME_FREE_KEYS = (
-    "resume",
-    "train.updates",
-    "train.progress",
-    "train.checkpoint_keep",
-    "logger",
-    "threads",
-    "device",
-    "exact_samples.cache_dir",
-    "exact_samples.source",
-    "exact_samples.max_draws",
-)
 
 
 class Interrupted(Exception):
@@ -103,152 +77,6 @@ def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["torch"])
 
 
-@dataclass
-class ResumePoint:
-    """Where a resumed run starts: its newest readable checkpoint and what was read from it."""
-
-    ckpt: Path
-    state: dict[str, Any]  # load_state(ckpt): optimizer, rng, extra, step, config
-    saved: dict[str, Any]  # the run's saved resolved config (config.yaml)
-    unreadable: list[Path] = field(default_factory=list)  # newer checkpoints that were damaged
-
-    @property
-    def step(self) -> int:
-        return int(self.state["step"])
-
-    @property
-    def eval_step(self) -> int:
-        """The last evaluated step (checkpoints older than this record were all written after
-        their evaluation)."""
-        return int(self.state["extra"].get("eval_step", self.step))
-
-    @property
-    def evaluated(self) -> bool:
-        return self.eval_step == self.step
-
-
-class Finished(dict):
-    """The summary of a run that was already complete: a resume that changed nothing."""
-
-
-def resume_point(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
-    """How a run starts, decided from its files before anything loads: None (fresh) or the
-    checkpoint to resume from. Refuses (UserError) a run dir with checkpoints without
-    resume=true, a resume whose config would train or measure something else, and a resume
-    past ``train.updates``."""
-    ckpts = checkpoint_dirs(run_dir, complete=False)
-    if not ckpts:
-        if (run_dir / "summary.json").exists():
-            raise UserError(
-                f"{run_dir} holds a finished run's summary.json but no checkpoints to resume "
-                "from; choose another hydra.run.dir (or move that run away)"
-            )
-        if cfg.resume:
-            print(
-                f"smclm: resume=true but {run_dir} holds no checkpoint to resume: starting a "
-                "fresh run",
-                file=sys.stderr,
-            )
-        return None
-    if not cfg.resume:
-        raise UserError(
-            f"{run_dir} already holds checkpoints; pass resume=true to continue that "
-            "run, or choose another hydra.run.dir"
-        )
-    saved = _saved_config(run_dir, ckpts)
-    new = OmegaConf.to_container(cfg, resolve=True)
-    free = RESUME_FREE_KEYS
-    if new["evaluator"]["name"] == "auto":  # resolved only once the model is loaded: see train
-        free = (*free, "evaluator.name")
-    diffs = config_differences(saved, new, free)
-    if diffs:
-        raise UserError(_refusal(run_dir, diffs))
-    unreadable: list[Path] = []
-    for ckpt in reversed(ckpts):
-        try:
-            state = read_checkpoint(ckpt)
-        except CheckpointError as e:
-            unreadable.append(ckpt)
-            print(f"smclm: {e}; trying the previous kept checkpoint", file=sys.stderr)
-            continue
-        point = ResumePoint(ckpt, state, saved, unreadable)
-        if unreadable:
-            print(f"smclm: resuming from {ckpt} (update {point.step})", file=sys.stderr)
-        break
-    else:
-        raise CheckpointError(
-            f"no readable checkpoint in {run_dir / 'checkpoints'} (all {len(ckpts)} are damaged, "
-            "see above); start the run again in another hydra.run.dir"
-        )
-    updates = int(cfg.train.updates)
-    if point.step > updates:
-        raise UserError(
-            f"train.updates={updates} but the run in {run_dir} is already at update "
-            f"{point.step}; pass train.updates={point.step} or more to resume it"
-        )
-    return point
-
-
-def _saved_config(run_dir: Path, ckpts: list[Path]) -> dict[str, Any]:
-    """The run's resolved config: config.yaml, else the newest checkpoint's meta.json."""
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
-    for ckpt in reversed(ckpts):
-        try:
-            return json.loads((ckpt / "meta.json").read_text())["config"]
-        except (OSError, ValueError, KeyError):
-            continue
-    raise CheckpointError(
-        f"{run_dir} has checkpoints but neither config.yaml nor a readable meta.json; "
-        "start the run again in another hydra.run.dir"
-    )
-
-
-def _refusal(run_dir: Path, diffs: list[tuple[str, Any, Any]]) -> str:
-    def show(v: Any) -> str:
-        return v if v == ABSENT else repr(v)
-
-    shown = ", ".join(f"{k} (saved {show(a)}, now {show(b)})" for k, a, b in diffs[:4])
-    more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
-    return (
-        f"resume=true: the run in {run_dir} was trained with other settings: {shown}{more}; "
-        f"resume it with its own settings ({run_dir / 'config.yaml'}), or train the new ones "
-        "in another hydra.run.dir"
-    )
-
-
-def _complete(run_dir: Path, point: ResumePoint) -> Finished:
-    """A resume of a run already at train.updates: change nothing, say so."""
-    path = run_dir / "summary.json"
-    if path.is_file():
-        summary = json.loads(path.read_text())
-    else:  # stopped between its last checkpoint and its summary: rebuilt from its records
-        summary = _summary_from_records(run_dir, point)
-        write_json_atomic(path, summary)
-    print(
-        f"smclm: run {run_dir} is complete (update {point.step} of train.updates="
-        f"{point.step}); nothing to do (a larger train.updates continues it)"
-    )
-    return Finished(summary)
-
-
-def _summary_from_records(run_dir: Path, point: ResumePoint) -> dict[str, Any]:
-    rows = [r for r in read_metrics(run_dir) if r.get("step") == point.step]
-    meter = ComputeMeter()
-    meter.load_state_dict(point.state["extra"].get("compute", {}))
-    merged: dict[str, Any] = {k: v for r in rows for k, v in r.items() if k != "step"}
-    return {
-        **merged,
-        **meter.totals(),
-        "run/task": point.saved["task"]["name"],
-        "run/method": point.saved["method"]["name"],
-        "run/evaluator": point.saved["evaluator"]["name"],
-        "run/seed": int(point.saved["seed"]),
-        "run/updates": point.step,
-    }
-
-
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train twists as configured; write config.yaml, metrics.jsonl, summary.json, checkpoints/.
 
@@ -259,7 +87,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     start = resume_point(cfg, run_dir)  # every refusal comes before anything loads
     updates = int(cfg.train.updates)
     if start is not None and start.step == updates and start.evaluated:
-        return _complete(run_dir, start)
+        return complete(run_dir, start)
 
     world = build_world(cfg)
     model, task = world.model, world.task
@@ -268,7 +96,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)  # with the evaluator chosen
     saved_evaluator = start.saved["evaluator"]["name"] if start is not None else evaluator.name
     if saved_evaluator != evaluator.name:  # evaluator=auto chose another one than the run's
-        raise UserError(_refusal(run_dir, [("evaluator.name", saved_evaluator, evaluator.name)]))
+        raise UserError(refusal(run_dir, [("evaluator.name", saved_evaluator, evaluator.name)]))
     conditional = task.cond_len > 0
     pool = None
     if method.needs_exact or evaluator.needs_pool or conditional:

@@ -327,7 +327,8 @@ def make_cfg(*overrides):
 def test_a_complete_run_without_its_summary_gets_it_back(tmp_path):
     """Stopped between its last checkpoint and summary.json: the resume rebuilds the summary
     from the run's records (every key but the wall time of the whole run) and trains nothing."""
-    from smclm.train import Finished, train
+    from smclm.resume import Finished
+    from smclm.train import train
 
     args = [*TINY, "train.updates=2", "train.eval_every=1"]
     original = train(make_cfg(*args), tmp_path)
