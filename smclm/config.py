@@ -192,6 +192,7 @@ RANGES: tuple[tuple[str, str, str], ...] = (
     ("evaluator.n_exact", "int>0", "4"),
     ("evaluator.max_sequences", "int>0", "1000000"),
     ("evaluator.n_g_q", "int>0|null", "null"),
+    ("evaluator.max_batch_particles", "int>0", "2048"),
     ("twist.hidden_mult", "int>0", "1"),
     ("twist.n_layers", "int>0", "3"),
 )

@@ -65,6 +65,11 @@ CASES = [
     ("batch", ["collect", "exact_samples.batch_size=0"], "exact_samples.batch_size=0 must be"),
     ("draws", ["train", "exact_samples.max_draws=0"], "exact_samples.max_draws=0 must be"),
     ("n-exact", ["eval", "evaluator=bounds", "evaluator.n_exact=0"], "evaluator.n_exact=0 must"),
+    (
+        "max-batch-particles",
+        ["eval", "evaluator=bounds", "evaluator.max_batch_particles=0"],
+        "evaluator.max_batch_particles=0 must",
+    ),
     ("n-g-q", ["eval", "evaluator=bounds", "evaluator.n_g_q=0"], "evaluator.n_g_q=0 must be null"),
     ("max-seq", ["eval", "evaluator=exact", "evaluator.max_sequences=0"], "max_sequences=0 must"),
     ("hidden", ["train", "twist.hidden_mult=0"], "twist.hidden_mult=0 must be a positive"),
