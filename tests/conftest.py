@@ -2,6 +2,8 @@
 single-threaded on a small, shared CPU), and small toy-world fixtures."""
 
 import os
+import subprocess
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -10,6 +12,25 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def run_smclm(*args, cwd=None, env=None, timeout=300):
+    """`smclm <args>` as a user runs it: a subprocess, offline, output captured. ``env`` entries
+    override the environment (None removes a variable)."""
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    for key, value in (env or {}).items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = str(value)
+    return subprocess.run(
+        [sys.executable, "-m", "smclm.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,12 @@ Most fail before torch is imported (under a second each); the few that need the 
 (lengths, cond=, a damaged checkpoint, a model path) take a few seconds.
 """
 
-import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import run_smclm
 
 HYDRA_COMMANDS = ("train", "eval", "sample", "collect")
 CONCURRENT = 3
@@ -117,15 +115,7 @@ def run_case(root: Path, fixtures: Path, case_id: str, args: list[str]):
     if args[0] in HYDRA_COMMANDS:
         key = "hydra.sweep.dir" if "-m" in args else "hydra.run.dir"
         args.append(f"{key}={cwd / 'run'}")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SMCLM_CACHE": str(cwd / "cache")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "smclm.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
+    proc = run_smclm(*args, cwd=cwd, env={"SMCLM_CACHE": cwd / "cache"})
     outside = [
         str(p.relative_to(cwd))
         for p in cwd.rglob("*")

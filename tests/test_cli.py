@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_smclm
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SMCLM_CACHE": "", "PYTHONUNBUFFERED": "1"}
 TINY_TRAIN = [
@@ -21,17 +22,8 @@ TINY_TRAIN = [
 
 
 def smclm(*args, cwd=None, cache=None, timeout=300):
-    env = dict(ENV)
-    if cache is not None:
-        env["SMCLM_CACHE"] = str(cache)
-    return subprocess.run(
-        [sys.executable, "-m", "smclm.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=timeout,
-    )
+    env = {"SMCLM_CACHE": "" if cache is None else cache}
+    return run_smclm(*args, cwd=cwd, env=env, timeout=timeout)
 
 
 def error_lines(proc):

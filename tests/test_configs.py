@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_smclm
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -101,15 +102,7 @@ def test_command_line_overrides_win_over_the_experiment_settings():
 
 
 def smclm(*args, cwd, env_extra=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "smclm.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
+    return run_smclm(*args, cwd=cwd, env=env_extra)
 
 
 def _yaml(text: str) -> dict:

@@ -4,14 +4,12 @@ potential; tasks, potentials, twists and learners named by ``_target_``; one-lin
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_classifier_tokenizer
+from conftest import build_classifier_tokenizer, run_smclm
 from hydra import compose, initialize_config_module
 
 from smclm.errors import ConfigError
@@ -36,17 +34,7 @@ def compose_train(*overrides):
 
 
 def smclm(*args, cwd, env_extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("SMCLM_CONFIG_PATH", None)
-    env.update(env_extra)
-    return subprocess.run(
-        [sys.executable, "-m", "smclm.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
+    return run_smclm(*args, cwd=cwd, env={"SMCLM_CONFIG_PATH": None, **env_extra})
 
 
 # -- the examples, end to end through `smclm train` and `smclm eval` from outside the repo ------
