@@ -9,10 +9,10 @@
 # Profiles (the reductions from the paper's settings, recorded in each run and in the report):
 #   paper  the paper's: 8192 updates (exponential schedule) of 100 rows, CTL 10 o × 10 particles,
 #          eval K = 32, 500 on 4 o's, 2000 exact (s, o) pairs, seeds 0-4 (one GPU)
-#   cpu    about an hour on 2 idle CPU cores with model=smollm2 (SmolLM2-135M: the separate twist
-#          is a trainable 135M-parameter copy; an update of 10 rows takes ~40 s for CTL, ~60 s for
-#          PPO): 2 seeds, 6 updates (evaluations after 0, 2, 4, 6) of 10 rows (CTL 1 o × 10),
-#          eval K = 8 on 2 o's with the twisted proposal only, G_q on 32 of 64 exact pairs
+#   cpu    measured: 11 min 35 s on 2 idle CPU cores with model=smollm2 (SmolLM2-135M: the
+#          separate twist is a trainable 135M-parameter copy; docs/results/table8_smollm2_cpu.md;
+#          too few updates to move q): 2 seeds, 6 updates (evaluations after 0, 2, 4, 6) of 10
+#          rows (CTL 1 o × 10), eval K = 8 on 2 o's with the twisted proposal only, G_q on 32 of 64 exact pairs
 #   smoke  seconds, for tests (with tiny models passed as overrides)
 RESULT=table8
 EXPERIMENT=infilling_2
