@@ -148,6 +148,14 @@ def load_text_classifier(
     return TextClassifier(model, tok, env.tokenizer, env.prompt_ids, batch_size=int(batch_size))
 
 
+def class_log_phi_max(indicator: bool, beta: float, epsilon: float) -> float | None:
+    """An upper bound on log φ of a potential built on a class probability: log(1 + ε) for an
+    indicator, 0 for β·log p with β ≥ 0; None (no bound) for β < 0."""
+    if indicator:
+        return math.log1p(epsilon)
+    return 0.0 if beta >= 0 else None
+
+
 class ClassPotential:
     """log φ = β·log p(class | s) (``form: log``), or log(1[p(class | s) > η] + ε)
     (``form: indicator``), for the class at column ``index`` of :func:`class_log_probs`."""
@@ -176,9 +184,7 @@ class ClassPotential:
         return self.from_logits(self.classifier.logits(tokens))
 
     def log_max(self) -> float | None:
-        if self.form == "indicator":
-            return math.log1p(self.epsilon)
-        return 0.0 if self.beta >= 0 else None
+        return class_log_phi_max(self.form == "indicator", self.beta, self.epsilon)
 
 
 def classifier_task(

@@ -11,14 +11,17 @@ against it, r = log(1 − p(toxic | s)) − log p(toxic | s), so both kinds give
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from smclm.tasks.base import Task
-from smclm.tasks.classifier import TextClassifier, class_index, load_text_classifier
+from smclm.tasks.classifier import (
+    TextClassifier,
+    class_index,
+    class_log_phi_max,
+    load_text_classifier,
+)
 from smclm.tasks.plugin import TaskEnv
 
 POTENTIALS = ("threshold", "class_logprob")
@@ -62,9 +65,7 @@ class ToxicityPotential:
         return self.from_score(self.score(tokens))
 
     def log_max(self) -> float | None:
-        if self.kind == "threshold":
-            return math.log1p(self.epsilon)
-        return 0.0 if self.beta >= 0 else None
+        return class_log_phi_max(self.kind == "threshold", self.beta, self.epsilon)
 
 
 def toxicity_task(
