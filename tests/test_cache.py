@@ -55,7 +55,7 @@ def test_growable_cache_matches_dynamic_cache_with_resampling(tiny_lm_dirs, arch
 @pytest.fixture(params=["scratch", "direct"])
 def copy_path(request, monkeypatch):
     """Both ways of copying changed rows: through the scratch buffer and row by row (forced by
-    a zero threshold; by default only rows of >= 16384 elements on CPU are copied directly)."""
+    a zero threshold; by default only rows of >= 64 KiB on CPU are copied directly)."""
     if request.param == "direct":
         monkeypatch.setattr(cache_mod, "_DIRECT_COPY_MIN", 0)
     return request.param
@@ -87,9 +87,9 @@ def test_twisted_lm_logits_match_dynamic_cache(tiny_lm_dirs, arch, copy_path, mo
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
-def _filled_layer(batch, length, heads=2, dim=3):
+def _filled_layer(batch, length, heads=2, dim=3, dtype=torch.float32):
     layer = GrowableLayer()
-    k = torch.randn(batch, heads, length, dim)
+    k = torch.randn(batch, heads, length, dim).to(dtype)
     layer.update(k, -k)
     return layer, k
 
@@ -115,10 +115,17 @@ def test_growth_beyond_capacity_keeps_the_contents():
     torch.testing.assert_close(keys[..., 45:, :], big, atol=0, rtol=0)
 
 
-def test_reorder_copies_changed_rows_in_place(copy_path):
-    layer, k = _filled_layer(6, 4)
-    layer.update(torch.zeros(6, 2, 1, 3), torch.zeros(6, 2, 1, 3))
-    ref = torch.cat([k, torch.zeros(6, 2, 1, 3)], dim=-2)
+@pytest.mark.parametrize(
+    "dim,dtype",
+    # rows copied as 16-byte units (4 float32, 8 bfloat16) and, with 12 bytes, as they are
+    [(3, torch.float32), (4, torch.float32), (8, torch.bfloat16), (6, torch.bfloat16)],
+)
+def test_reorder_copies_changed_rows_in_place(copy_path, dim, dtype):
+    layer, k = _filled_layer(6, 4, dim=dim, dtype=dtype)
+    layer.update(torch.zeros(6, 2, 1, dim, dtype=dtype), torch.zeros(6, 2, 1, dim, dtype=dtype))
+    ref = torch.cat([k, torch.zeros(6, 2, 1, dim, dtype=dtype)], dim=-2)
+    wide = dim * k.element_size() % 16 == 0
+    assert (cache_mod._wide(layer._k).dtype == torch.complex128) == wide
     ptr = layer._k.data_ptr()
     cache = GrowableCache()
     cache.layers.append(layer)

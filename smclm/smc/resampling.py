@@ -28,6 +28,7 @@ __all__ = [
     "Resampler",
     "arrange_in_place",
     "arrange_rows",
+    "draw_checked_positive",
     "get_resampler",
     "multinomial",
     "multinomial_unsorted",
@@ -166,7 +167,38 @@ def multinomial_unsorted(log_w: Tensor, n: int, generator: torch.Generator | Non
     """
     n = _check_n(n)
     cdf, last = _normalised_cdf(log_w)
-    return _invert(cdf, last, _uniform((*cdf.shape[:-1], n), generator, cdf.device))
+    return _invert(cdf, last, _points("multinomial", cdf, n, generator))
+
+
+def _points(
+    scheme: str, cdf: Tensor, n: int, generator: torch.Generator | None
+) -> Tensor:
+    """The ``n`` points in ``[0, 1)`` per row of ``cdf`` that ``scheme`` locates in it:
+    i.i.d. uniforms (multinomial), ``(k + u) / n`` with one ``u`` per row (systematic) or one
+    per point (stratified)."""
+    if scheme == "multinomial":
+        return _uniform((*cdf.shape[:-1], n), generator, cdf.device)
+    u = _uniform((*cdf.shape[:-1], 1 if scheme == "systematic" else n), generator, cdf.device)
+    return (torch.arange(n, dtype=_DTYPE, device=cdf.device) + u) / n
+
+
+def draw_checked_positive(
+    log_w: Tensor, n: int, scheme: str, generator: torch.Generator | None = None
+) -> Tensor:
+    """``scheme``'s ancestors for log-weights [G, N] that the caller has already checked: every
+    entry finite, and every normalised weight positive (no ``-inf``, nothing that underflows;
+    the sampler knows both from its weight statistics). The same indices as the checked
+    resampler, bit for bit (multinomial: in draw order, as :func:`multinomial_unsorted`), from
+    the same draws of ``generator``; it skips the validation (a host sync) and the zero-weight
+    handling, which with positive weights change nothing: the CDF of positive weights is
+    already non-decreasing, its last entry is exactly 1 and the clamped points lie below it,
+    so every located index is already below N."""
+    if scheme not in RESAMPLERS:
+        get_resampler(scheme)  # raises, naming the choices
+    cdf = torch.cumsum(torch.softmax(log_w.detach().to(_DTYPE), dim=-1), dim=-1)
+    cdf = cdf / cdf[..., -1:]
+    points = _points(scheme, cdf, _check_n(n), generator).clamp(0.0, _BELOW_ONE)
+    return torch.searchsorted(cdf, points, right=True)
 
 
 def systematic(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -188,9 +220,7 @@ def systematic(log_w: Tensor, n: int, generator: torch.Generator | None = None) 
     """
     n = _check_n(n)
     cdf, last = _normalised_cdf(log_w)
-    u = _uniform((*cdf.shape[:-1], 1), generator, cdf.device)
-    points = (torch.arange(n, dtype=_DTYPE, device=cdf.device) + u) / n
-    return _invert(cdf, last, points)
+    return _invert(cdf, last, _points("systematic", cdf, n, generator))
 
 
 def stratified(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -210,9 +240,7 @@ def stratified(log_w: Tensor, n: int, generator: torch.Generator | None = None) 
     """
     n = _check_n(n)
     cdf, last = _normalised_cdf(log_w)
-    u = _uniform((*cdf.shape[:-1], n), generator, cdf.device)
-    points = (torch.arange(n, dtype=_DTYPE, device=cdf.device) + u) / n
-    return _invert(cdf, last, points)
+    return _invert(cdf, last, _points("stratified", cdf, n, generator))
 
 
 RESAMPLERS: dict[str, Resampler] = {

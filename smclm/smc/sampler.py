@@ -38,7 +38,12 @@ from torch import Tensor
 
 from smclm.models.cache import note_changed_rows
 from smclm.models.twisted_lm import SamplingContext, StepDists, TwistedLM
-from smclm.smc.resampling import arrange_rows, get_resampler, multinomial_unsorted
+from smclm.smc.resampling import (
+    arrange_rows,
+    draw_checked_positive,
+    get_resampler,
+    multinomial_unsorted,
+)
 
 
 class ParticleCollapseError(RuntimeError):
@@ -136,8 +141,11 @@ def ess(log_w: Tensor) -> float:
 
 
 def sample_categorical(log_probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One draw per row of log_probs [N, V] by inverse CDF (~5x cheaper than multinomial on CPU)."""
-    cdf = torch.cumsum(torch.softmax(log_probs.float(), dim=-1), dim=-1)
+    """One draw per row of log_probs [N, V] (normalised up to rounding, as log_softmax gives
+    them) by inverse CDF (~5x cheaper than multinomial on CPU). The uniforms are scaled by each
+    row's total, so the rows need not sum to 1 exactly; exp instead of softmax saves two passes
+    over the vocabulary."""
+    cdf = torch.cumsum(torch.exp(log_probs.float()), dim=-1)
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
     idx = torch.searchsorted(cdf, u, right=True).squeeze(1)
     return idx.clamp_(max=cdf.shape[1] - 1)
@@ -223,7 +231,7 @@ def step(
     # After init or a resample a run's log w are 0, and 0 + log α = log α exactly.
     all_fresh = all(state.fresh)
     log_w = log_alpha if all_fresh else state.log_w + log_alpha
-    lse, inc, w_ess = _weight_stats(log_w, state.log_w, state.fresh, g)
+    lse, inc, w_ess, positive = _weight_stats(log_w, state.log_w, state.fresh, g)
     if not all(math.isfinite(x) for x in lse):  # the rare path: find out which failure it is
         if torch.isnan(log_w).any():
             raise FloatingPointError(f"NaN log-weight at step {t}: check the potential and twist")
@@ -235,7 +243,10 @@ def step(
     n_unique = [k] * g
     resampled = any(do)
     if resampled:
-        anc = _ancestors(log_w.view(g, k), do, resampling, pinned is not None, generator)
+        checked = all(p for p, d in zip(positive, do) if d)
+        anc = _ancestors(
+            log_w.view(g, k), do, resampling, pinned is not None, generator, checked
+        )
         # Every survivor goes to its own slot (so the pinned particle 0 of a run stays in its
         # slot 0, and a run that does not resample keeps all its rows); the rows that change
         # are passed on to the cache reordering. The empty slots and the extra copies of a run
@@ -268,11 +279,12 @@ def step(
     )
     next_dists = (
         # tokens[:, -1] is s_t[anc] after a resample
-        model.advance(state.ctx, tokens[:, -1].contiguous() if resampled else s_t)
+        model.advance(state.ctx, s_t.index_select(0, anc) if resampled else s_t)
         if t < output_len
         else state.next_dists
     )
-    inc_t = torch.tensor(inc, dtype=torch.float64).to(state.log_z_hat)
+    # float32 like log Ẑ (the same rounding as converting the float64 values afterwards)
+    inc_t = torch.tensor(inc, dtype=state.log_z_hat.dtype, device=state.log_z_hat.device)
     return SMCState(
         t,
         tokens,
@@ -295,12 +307,20 @@ def _ancestors(
     resampling: str,
     conditional: bool,
     generator: torch.Generator | None,
+    checked: bool = False,
 ) -> Tensor:
     """Global ancestor indices [G·K] for log-weights [G, K]: runs with ``do[g]`` draw theirs
     from their own weights (conditional SMC: slot 0 keeps its lineage, multinomial for the
-    K − 1 others); the other runs keep every row (identity)."""
+    K − 1 others); the other runs keep every row (identity). ``checked``: the weights of every
+    resampling run are finite with positive normalised weights (``_weight_stats``), so the
+    resampler may skip its checks (the same draws)."""
     g, k = log_w.shape
-    if not conditional:
+    if checked:
+        scheme = "multinomial" if conditional else resampling
+        local = draw_checked_positive(log_w, k - 1 if conditional else k, scheme, generator)
+        if conditional:
+            local = torch.cat([torch.zeros(g, 1, dtype=torch.long, device=log_w.device), local], 1)
+    elif not conditional:
         # Only the multiset of ancestors matters (it is arranged next), so multinomial
         # resampling skips the sort.
         resample = multinomial_unsorted if resampling == "multinomial" else None
@@ -316,30 +336,37 @@ def _ancestors(
     return (local + k * torch.arange(g, device=log_w.device)[:, None]).view(-1)
 
 
+# A run whose smallest log w lies within this of its largest has every normalised weight
+# positive (above 1e-300 / K), so resampling needs no zero-weight handling.
+_POSITIVE_SPAN = 690.0
+
+
 def _weight_stats(
     log_w: Tensor, prev_log_w: Tensor, fresh: tuple[bool, ...], g: int
-) -> tuple[list[float], list[float], list[float]]:
-    """Per run: (logsumexp log w, log Ẑ increment, ESS) of the updated weights [G·K], with one
-    host sync for all runs.
+) -> tuple[list[float], list[float], list[float], list[bool]]:
+    """Per run: (logsumexp log w, log Ẑ increment, ESS, every weight positive) of the updated
+    weights [G·K], with one host sync for all runs.
 
     In float64, as ``ess``: with m = max log w and e = exp(log w − m), lse = m + log Σe and
     ESS = (Σe)²/Σe²; increment = lse − lse(previous log w), where a ``fresh`` run's previous
     log w are all zeros (lse = log K). A NaN, a +∞ or an all −∞ log w makes the run's first
-    value non-finite.
+    value non-finite. "Positive": the run's log w are finite and span less than
+    ``_POSITIVE_SPAN``.
     """
     lw = log_w.double().view(g, -1)
     k = lw.shape[1]
-    m = lw.amax(1)
+    lo, m = torch.aminmax(lw, dim=1)
     e = torch.exp(lw - m[:, None])
-    parts = [m, e.sum(1), e.square().sum(1)]
+    parts = [m, e.sum(1), e.square().sum(1), lo]
     if not all(fresh):
         parts.append(torch.logsumexp(prev_log_w.double().view(g, -1), 1))
     vals = torch.stack(parts).tolist()
     log_k = math.log(k)
     lses, incs, esss = [], [], []
+    positive = [m_r - lo_r < _POSITIVE_SPAN for m_r, lo_r in zip(vals[0], vals[3])]
     for r in range(g):
         m_r, s1, s2 = vals[0][r], vals[1][r], vals[2][r]
-        lse_prev = log_k if fresh[r] else vals[3][r]
+        lse_prev = log_k if fresh[r] else vals[4][r]
         lse = m_r + math.log(s1) if s1 > 0 else math.nan
         if not math.isfinite(lse):  # m = −∞: all −∞; m = +∞: some +∞ (else: a NaN)
             lse = m_r if math.isinf(m_r) else math.nan
@@ -349,7 +376,7 @@ def _weight_stats(
         lses.append(lse)
         incs.append(lse - lse_prev)
         esss.append(w_ess)
-    return lses, incs, esss
+    return lses, incs, esss, positive
 
 
 def _should_resample(w_ess: float, n: int, threshold: float) -> bool:
