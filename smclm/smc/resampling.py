@@ -170,9 +170,7 @@ def multinomial_unsorted(log_w: Tensor, n: int, generator: torch.Generator | Non
     return _invert(cdf, last, _points("multinomial", cdf, n, generator))
 
 
-def _points(
-    scheme: str, cdf: Tensor, n: int, generator: torch.Generator | None
-) -> Tensor:
+def _points(scheme: str, cdf: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
     """The ``n`` points in ``[0, 1)`` per row of ``cdf`` that ``scheme`` locates in it:
     i.i.d. uniforms (multinomial), ``(k + u) / n`` with one ``u`` per row (systematic) or one
     per point (stratified)."""

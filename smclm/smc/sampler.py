@@ -244,9 +244,7 @@ def step(
     resampled = any(do)
     if resampled:
         checked = all(p for p, d in zip(positive, do) if d)
-        anc = _ancestors(
-            log_w.view(g, k), do, resampling, pinned is not None, generator, checked
-        )
+        anc = _ancestors(log_w.view(g, k), do, resampling, pinned is not None, generator, checked)
         # Every survivor goes to its own slot (so the pinned particle 0 of a run stays in its
         # slot 0, and a run that does not resample keeps all its rows); the rows that change
         # are passed on to the cache reordering. The empty slots and the extra copies of a run
