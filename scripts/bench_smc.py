@@ -15,6 +15,11 @@ particles, a ~8-token prompt, an MLP twist head on the frozen base and a cheap c
                                target <= 4.5, or <= 1.1 x ``plain_length_scaling`` (plain
                                sampling's own T_long / T_short, reported beside it) where that
                                is above 4.5 (attention over the prefix grows with t for both).
+(d) ``kv_reorder_overhead``  = (ours at T_short − ours with the KV-cache reorder made a no-op,
+                               an invalid sampler timed only for this) / plain at T_short: the
+                               part of (a)'s overhead that is the cache row copies after each
+                               resample (the minimum data movement: only rows whose ancestor
+                               changed, only the positions after the shared prompt). reported
 
 Sections (``--sections``; each runs for the models it applies to, ``--models``):
 
@@ -58,7 +63,10 @@ all hidden states) does, which is what the reference code does before slicing th
 Usage:
     .venv/bin/python scripts/bench_smc.py [--models toy,tinystories,smollm2]
         [--sections core,grouped,real,eval] [--n 256] [--repeats 5] [--threads 1] [--quick]
-        [--out bench.json]
+        [--out bench.json] [--md bench.md]
+
+``--md`` writes the table as Markdown headed by the command line, the date, the machine and the
+1-minute load average before and after the run (``docs/results/bench_*.md`` are such files).
 
 Threads: the toy model runs single-threaded by default (``--threads``): its ops are so small that
 a second thread only adds hand-off latency, which on a shared 2-core machine turns into
@@ -246,6 +254,20 @@ def plain(lm: TwistedLM, prompt: Tensor, t_len: int, log_phi, n: int, seed: int)
     return torch.stack(out, dim=1)
 
 
+@torch.no_grad()
+def ours_without_kv_reorder(
+    lm: TwistedLM, prompt: Tensor, t_len: int, log_phi, n: int, seed: int
+) -> Tensor:
+    """``ours`` with the KV-cache reorder after each resample made a no-op: NOT a valid sampler
+    (the caches keep the old rows), timed only to split our overhead into the cache row copies
+    and the rest of the per-step work (``kv_reorder_overhead``)."""
+    lm.reorder = lambda ctx, ancestors: None  # an instance attribute shadows the method
+    try:
+        return ours(lm, prompt, t_len, log_phi, n, seed)
+    finally:
+        del lm.reorder
+
+
 def make_recompute(all_logits: bool):
     @torch.no_grad()
     def recompute(lm: TwistedLM, prompt: Tensor, t_len: int, log_phi, n: int, seed: int) -> Tensor:
@@ -316,7 +338,12 @@ def bench_core(name: str, args, device: torch.device) -> dict:
     prompt = torch.randint(0, v, (PROMPT_LEN,), generator=gen).to(device)
     log_phi = count_potential(v)
     recompute = make_recompute(args.recompute_logits == "all")
-    run = {"ours": ours, "plain": plain, "recompute": recompute}
+    run = {
+        "ours": ours,
+        "plain": plain,
+        "recompute": recompute,
+        "noreorder": ours_without_kv_reorder,
+    }
     small = name == "toy"
     reps = args.repeats or (5 if small and not args.quick else 1)
     long_reps = args.long_repeats or (reps if small else 1)
@@ -324,7 +351,8 @@ def bench_core(name: str, args, device: torch.device) -> dict:
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     times: dict[str, list[float]] = {
-        "ours_T": [], "plain_T": [], "ours_4T": [], "plain_4T": [], "recompute_T": []
+        "ours_T": [], "plain_T": [], "ours_4T": [], "plain_4T": [], "recompute_T": [],
+        "ours_no_kv_reorder_T": [],
     }  # fmt: skip
 
     def one(kind: str, t_len: int, seed: int) -> float:
@@ -335,7 +363,7 @@ def bench_core(name: str, args, device: torch.device) -> dict:
     # model, whose steps take about a second each). Then round-robin repeats, so that drift on
     # a shared machine hits every measurement alike.
     t_warm = max(2, t_short // 4) if small else 2
-    for kind in ("ours", "plain", "recompute"):
+    for kind in run:
         one(kind, t_warm, SEED)
     for r in range(max(reps, long_reps)):
         seed = SEED + 1 + r
@@ -346,6 +374,7 @@ def bench_core(name: str, args, device: torch.device) -> dict:
             times["ours_4T"].append(one("ours", t_long, seed))
             times["plain_4T"].append(one("plain", t_long, seed))
             times["recompute_T"].append(one("recompute", t_short, seed))
+            times["ours_no_kv_reorder_T"].append(one("noreorder", t_short, seed))
         if args.verbose:
             print(
                 f"[bench] {name} round {r}: "
@@ -365,6 +394,7 @@ def bench_core(name: str, args, device: torch.device) -> dict:
         "speedup_vs_recompute": med["recompute_T"] / med["ours_T"],
         "length_scaling": med["ours_4T"] / med["ours_T"],
         "plain_length_scaling": med["plain_4T"] / med["plain_T"],
+        "kv_reorder_overhead": (med["ours_T"] - med["ours_no_kv_reorder_T"]) / med["plain_T"],
         "paired_ratios": {
             "smc_overhead": paired(ours_t, times["plain_T"]),
             "speedup_vs_recompute": paired(times["recompute_T"], ours_t),
@@ -637,6 +667,7 @@ RAW = {  # the two medians each ratio divides, per section
     "speedup_vs_recompute": {"core": ("recompute_T", "ours_T")},
     "length_scaling": {"core": ("ours_4T", "ours_T")},
     "plain_length_scaling": {"core": ("plain_4T", "plain_T")},
+    "kv_reorder_overhead": {"core": ("ours_T", "ours_no_kv_reorder_T")},
     "grouped_train_speedup": {"grouped": ("train_looped", "train_batched")},
     "grouped_eval_speedup": {"grouped": ("eval_looped", "eval_batched")},
     "vs_hf_generate": {"real": ("hf_generate", "plain_p0")},
@@ -655,29 +686,85 @@ def passes(key: str, value: float, res: dict | None = None) -> bool | None:
     return value <= target if op == "<=" else value >= target
 
 
-def print_table(results: dict[str, dict[str, dict]]) -> None:
-    hdr = (
-        f"{'model':<12} {'metric':<22} {'ratio':>7} {'target':>8} {'ok':>4}   raw seconds (medians)"
-    )
-    print(hdr)
-    print("-" * len(hdr))
+def raw_text(key: str, a: str, b: str, med: dict[str, float]) -> str:
+    if key == "kv_reorder_overhead":
+        return f"({a}={med[a]:.3f}s - {b}={med[b]:.3f}s) / plain_T={med['plain_T']:.3f}s"
+    return f"{a}={med[a]:.3f}s / {b}={med[b]:.3f}s"
+
+
+def write_markdown(path: str, results: dict[str, dict[str, dict]], meta: dict) -> None:
+    """The results table as Markdown, headed by the command that produced it and the machine
+    and its load (1-minute load average before and after the run)."""
+    lines = [
+        "# `scripts/bench_smc.py` results",
+        "",
+        "Produced by (from the repository root):",
+        "",
+        "```",
+        meta["command"],
+        "```",
+        "",
+        f"- date: {meta['date']}; wall time {meta['wall_s']:.0f} s",
+        f"- machine: {meta['machine']}",
+        f"- load average (1 min) before / after: {meta['load_before']:.2f} / "
+        f"{meta['load_after']:.2f}",
+        "",
+        "| model | section | metric | ratio | target | ok | raw seconds (medians) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, section, key, value, target, mark, raw in table_rows(results):
+        raw = raw.replace("|", "\\|")
+        lines.append(f"| {model} | {section} | `{key}` | {value:.3f} | {target} | {mark} | {raw} |")
+    lines.append("")
+    for model, sections in results.items():
+        for section, res in sections.items():
+            cfg = ", ".join(f"{k}={v}" for k, v in res["config"].items() if k != "overrides")
+            lines.append(f"- {model} / {section}: {cfg}")
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def table_rows(results: dict[str, dict[str, dict]]):
+    """(model, section, key, ratio, target, pass/FAIL/-, raw medians) per reported ratio."""
     for model, sections in results.items():
         for section, res in sections.items():
             med = res["seconds_median"]
             for key, raw in RAW.items():
                 if key not in res or section not in raw:
                     continue
-                a, b = raw[section]
                 ok = passes(key, res[key], res)
                 op, target = TARGETS.get(key, ("", ""))
                 mark = "-" if ok is None else ("pass" if ok else "FAIL")
-                print(
-                    f"{model:<12} {key:<22} {res[key]:>7.3f} {op + str(target):>8} {mark:>4}   "
-                    f"{a}={med[a]:.3f}s / {b}={med[b]:.3f}s"
+                yield (
+                    model,
+                    section,
+                    key,
+                    res[key],
+                    f"{op}{target}",
+                    mark,
+                    raw_text(key, *raw[section], med),
                 )
-            cfg = res["config"]
-            print(f"{'':<12} ({section}: " + ", ".join(f"{k}={v}" for k, v in cfg.items()
-                                                      if k != "overrides") + ")")  # fmt: skip
+
+
+def print_table(results: dict[str, dict[str, dict]]) -> None:
+    hdr = (
+        f"{'model':<12} {'metric':<22} {'ratio':>7} {'target':>8} {'ok':>4}   raw seconds (medians)"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    last = None
+    for model, section, key, value, target, mark, raw in table_rows(results):
+        if last is not None and last != (model, section):
+            print_config(*last, results)
+        last = (model, section)
+        print(f"{model:<12} {key:<22} {value:>7.3f} {target:>8} {mark:>4}   {raw}")
+    if last is not None:
+        print_config(*last, results)
+
+
+def print_config(model: str, section: str, results: dict[str, dict[str, dict]]) -> None:
+    cfg = results[model][section]["config"]
+    text = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "overrides")
+    print(f"{'':<12} ({section}: {text})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -713,6 +800,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="print every timed run")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
     p.add_argument(
+        "--md", default=None,
+        help="also write the table as Markdown, with this command line, the date and the load",
+    )  # fmt: skip
+    p.add_argument(
         "--grouped", default="auto",
         help="parts of the grouped section: train, eval or train,eval (auto: both for the toy, "
         "train for the large models, whose eval part takes 15-60 minutes on 2 cores)",
@@ -740,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     results: dict[str, dict[str, dict]] = {}
+    load_before = os.getloadavg()[0]
     t_start = time.perf_counter()
     for name in models:
         for section in sections:
@@ -761,6 +853,21 @@ def main(argv: list[str] | None = None) -> int:
         }
         Path(args.out).write_text(json.dumps(flat, indent=2) + "\n")
         print(f"\nwrote {args.out}")
+    if args.md:
+        cmd = " ".join(
+            ["python scripts/bench_smc.py", *(argv if argv is not None else sys.argv[1:])]
+        )
+        meta = {
+            "command": cmd,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "wall_s": time.perf_counter() - t_start,
+            "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}"
+            + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+            "load_before": load_before,
+            "load_after": os.getloadavg()[0],
+        }
+        write_markdown(args.md, results, meta)
+        print(f"wrote {args.md}")
     return 0
 
 

@@ -55,9 +55,10 @@ def test_growable_cache_matches_dynamic_cache_with_resampling(tiny_lm_dirs, arch
 @pytest.fixture(params=["scratch", "direct"])
 def copy_path(request, monkeypatch):
     """Both ways of copying changed rows: through the scratch buffer and row by row (forced by
-    a zero threshold; by default only rows of >= 64 KiB on CPU are copied directly)."""
+    a zero threshold; by default only rows of >= 64 KiB, or 256 KiB, on CPU are copied directly)."""
     if request.param == "direct":
         monkeypatch.setattr(cache_mod, "_DIRECT_COPY_MIN", 0)
+        monkeypatch.setattr(cache_mod, "_DIRECT_COPY_MIN_WIDE", 0)
     return request.param
 
 
