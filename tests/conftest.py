@@ -106,8 +106,9 @@ def build_classifier_tokenizer():
     )
 
 
-def save_tiny_classifier(path, arch: str, num_labels: int, seed: int = 0):
-    """A tiny randomly initialised RoBERTa or BERT sequence classifier with its own tokenizer."""
+def save_tiny_classifier(path, arch: str, num_labels: int, seed: int = 0, id2label=None):
+    """A tiny randomly initialised RoBERTa or BERT sequence classifier with its own tokenizer
+    (id2label: class names by index, saved in its config)."""
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
@@ -126,6 +127,8 @@ def save_tiny_classifier(path, arch: str, num_labels: int, seed: int = 0):
         num_labels=num_labels,
         pad_token_id=0,
     )
+    if id2label:
+        common.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
     if arch == "roberta":
         model = RobertaForSequenceClassification(
             RobertaConfig(max_position_embeddings=66, **common)

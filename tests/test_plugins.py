@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_classifier_tokenizer, run_smclm
+from conftest import run_smclm, save_tiny_classifier
 from hydra import compose, initialize_config_module
 
 from smclm.errors import ConfigError
@@ -108,38 +108,14 @@ def test_text_potential_example_computes_its_formula(toy_world):
 # -- any sequence classifier as a potential -------------------------------------------------------
 
 
-def _tiny_roberta(path, num_labels, id2label=None, seed=0):
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    tok = build_classifier_tokenizer()
-    torch.manual_seed(seed)
-    cfg = RobertaConfig(
-        vocab_size=len(tok.get_vocab()),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=66,
-        num_labels=num_labels,
-        pad_token_id=0,
-        **(
-            {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-            if id2label
-            else {}
-        ),
-    )
-    model = RobertaForSequenceClassification(cfg)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def classifiers(tmp_path_factory):
     root = tmp_path_factory.mktemp("plugin_classifiers")
     return {
-        "two": _tiny_roberta(root / "two", 2, {0: "non-toxic", 1: "toxic"}),
-        "one": _tiny_roberta(root / "one", 1, seed=1),
+        "two": save_tiny_classifier(
+            root / "two", "roberta", 2, id2label={0: "non-toxic", 1: "toxic"}
+        ),
+        "one": save_tiny_classifier(root / "one", "roberta", 1, seed=1),
     }
 
 
