@@ -47,6 +47,7 @@ particles of the runs for σ^i).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -125,33 +126,32 @@ def _chunks(n_runs: int, k: int, max_batch: int, runs_per_call: int | None) -> l
     return [range(i, min(i + per_call, n_runs)) for i in range(0, n_runs, per_call)]
 
 
-def _run_chunk(
+def _batched_runs(
     model: TwistedLM,
     task: Task,
     k: int,
-    runs: range,
+    n_runs: int,
     cond_rows: Tensor | None,
     pinned: Tensor | None,
+    max_batch: int,
+    runs_per_call: int | None = None,
     **smc_args,
-) -> SMCResult:
-    """One batched sampler call: runs ``runs`` of K particles, run i with cond row i (broadcast
-    to its K particles) and, for conditional SMC, exact sample ``pinned[i]`` in its slot 0."""
+) -> Iterator[tuple[range, SMCResult]]:
+    """n_runs independent runs of K particles in batched sampler calls of at most
+    max(max_batch, K) particles (``runs_per_call``: at most that many runs per call), run i
+    with cond row i (broadcast to its K particles) and, for conditional SMC, exact sample
+    ``pinned[i]`` in its slot 0. Yields (runs, SMCResult) per call."""
     dev = model.device
-    c = None
-    if cond_rows is not None:
-        c = cond_rows[runs.start : runs.stop].repeat_interleave(k, dim=0).to(dev)
-    pins = None if pinned is None else pinned[runs.start : runs.stop].to(dev)
-    return run_smc(
-        model,
-        task.prompt_ids,
-        task.output_len,
-        task.bind(c),
-        k,
-        cond=c,
-        pinned=pins,
-        n_runs=len(runs),
-        **smc_args,
-    )
+    for runs in _chunks(n_runs, k, max_batch, runs_per_call):
+        c = None
+        if cond_rows is not None:
+            c = cond_rows[runs.start : runs.stop].repeat_interleave(k, dim=0).to(dev)
+        pins = None if pinned is None else pinned[runs.start : runs.stop].to(dev)
+        res = run_smc(
+            model, task.prompt_ids, task.output_len, task.bind(c), k,
+            cond=c, pinned=pins, n_runs=len(runs), **smc_args,
+        )  # fmt: skip
+        yield runs, res
 
 
 def _sis_log_weights(
@@ -170,22 +170,11 @@ def _sis_log_weights(
     Runs are batched into sampler calls of at most max(max_batch, K) particles; run i uses cond
     row i.
     """
-    out = []
-    for runs in _chunks(n_runs, k, max_batch, None):
-        res = _run_chunk(
-            model,
-            task,
-            k,
-            runs,
-            cond_rows,
-            None,
-            proposal=proposal,
-            resampling=resampling,
-            ess_threshold=0.0,
-            generator=generator,
-        )
-        out.append(res.log_w.double().cpu().view(len(runs), k))
-    return torch.cat(out)
+    calls = _batched_runs(
+        model, task, k, n_runs, cond_rows, None, max_batch,
+        proposal=proposal, resampling=resampling, ess_threshold=0.0, generator=generator,
+    )  # fmt: skip
+    return torch.cat([res.log_w.double().cpu().view(len(runs), k) for runs, res in calls])
 
 
 def smc_log_z_hats(
@@ -208,19 +197,11 @@ def smc_log_z_hats(
     into sampler calls of at most max(max_batch, K) particles (``runs_per_call=1``: one call
     per run, as before batching)."""
     out = []
-    for runs in _chunks(n_runs, k, max_batch, runs_per_call):
-        res = _run_chunk(
-            model,
-            task,
-            k,
-            runs,
-            cond_rows,
-            pinned,
-            proposal=proposal,
-            resampling=resampling,
-            ess_threshold=1.0,
-            generator=generator,
-        )
+    calls = _batched_runs(
+        model, task, k, n_runs, cond_rows, pinned, max_batch, runs_per_call,
+        proposal=proposal, resampling=resampling, ess_threshold=1.0, generator=generator,
+    )  # fmt: skip
+    for runs, res in calls:
         out.append(res.log_z_hats.double().cpu())
         if on_chunk is not None:
             on_chunk(len(runs))
