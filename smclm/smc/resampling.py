@@ -47,8 +47,10 @@ _BELOW_ONE = float(
 )
 
 
-def _normalised_cdf(log_w: Tensor) -> tuple[Tensor, Tensor]:
-    """Validate log-weights and build their normalised CDF.
+def _normalised_cdf(log_w: Tensor, checked: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Validate log-weights and build their normalised CDF (``checked``: the caller has already
+    found every entry finite with every normalised weight positive; then there is nothing to
+    validate and no zero-weight interval to empty, and ``last`` is None: the last particle).
 
     Args:
         log_w: ``[N]`` unnormalised log-weights (floating point; ``-inf`` means zero weight),
@@ -77,6 +79,8 @@ def _normalised_cdf(log_w: Tensor) -> tuple[Tensor, Tensor]:
     # any +inf or an all -inf row makes every entry of the row (and so its total) NaN.
     w = torch.softmax(lw, dim=-1)
     cdf = torch.cumsum(w, dim=-1)
+    if checked:  # positive weights: the zero-weight handling below would change nothing
+        return cdf / cdf[..., -1:], None
     # A single host sync in the common case; only on failure do we work out which case it is.
     if not math.isfinite(cdf[..., -1].sum().item()):
         where = "" if lw.dim() == 1 else " (in some row)"
@@ -121,12 +125,13 @@ def _check_n(n: int) -> int:
     return int(n)
 
 
-def _invert(cdf: Tensor, last: Tensor, points: Tensor) -> Tensor:
+def _invert(cdf: Tensor, last: Tensor | None, points: Tensor) -> Tensor:
     """Map points in ``[0, 1)`` to particle indices.
 
     Args:
         cdf: ``[N]`` (or ``[G, N]``) normalised CDF from :func:`_normalised_cdf`.
-        last: 0-d (or ``[G]``) index of the last positive-weight particle.
+        last: 0-d (or ``[G]``) index of the last positive-weight particle (None: the last
+            particle, every weight positive).
         points: ``[n]`` (or ``[G, n]``) float64 points.
 
     Returns:
@@ -136,7 +141,7 @@ def _invert(cdf: Tensor, last: Tensor, points: Tensor) -> Tensor:
     points = points.clamp(0.0, _BELOW_ONE)
     idx = torch.searchsorted(cdf, points, right=True)
     # Points are < 1 == cdf[last], so idx <= last already; the clamp is a last-resort guard.
-    return torch.minimum(idx, last[..., None]).to(torch.long)
+    return idx if last is None else torch.minimum(idx, last[..., None]).to(torch.long)
 
 
 def multinomial(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -191,12 +196,9 @@ def draw_checked_positive(
     handling, which with positive weights change nothing: the CDF of positive weights is
     already non-decreasing, its last entry is exactly 1 and the clamped points lie below it,
     so every located index is already below N."""
-    if scheme not in RESAMPLERS:
-        get_resampler(scheme)  # raises, naming the choices
-    cdf = torch.cumsum(torch.softmax(log_w.detach().to(_DTYPE), dim=-1), dim=-1)
-    cdf = cdf / cdf[..., -1:]
-    points = _points(scheme, cdf, _check_n(n), generator).clamp(0.0, _BELOW_ONE)
-    return torch.searchsorted(cdf, points, right=True)
+    get_resampler(scheme)  # an unknown name raises, listing the choices
+    cdf, last = _normalised_cdf(log_w, checked=True)
+    return _invert(cdf, last, _points(scheme, cdf, _check_n(n), generator))
 
 
 def systematic(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -321,19 +321,16 @@ def _ancestors(
     resampling run are finite with positive normalised weights (``_weight_stats``), so the
     resampler may skip its checks (the same draws)."""
     g, k = log_w.shape
+    scheme, n_draws = ("multinomial", k - 1) if conditional else (resampling, k)
     if checked:
-        scheme = "multinomial" if conditional else resampling
-        local = draw_checked_positive(log_w, k - 1 if conditional else k, scheme, generator)
-        if conditional:
-            local = torch.cat([torch.zeros(g, 1, dtype=torch.long, device=log_w.device), local], 1)
-    elif not conditional:
+        local = draw_checked_positive(log_w, n_draws, scheme, generator)
+    else:
         # Only the multiset of ancestors matters (it is arranged next), so multinomial
         # resampling skips the sort.
-        resample = multinomial_unsorted if resampling == "multinomial" else None
-        local = (resample or get_resampler(resampling))(log_w, k, generator)
-    else:
-        rest = multinomial_unsorted(log_w, k - 1, generator)
-        local = torch.cat([torch.zeros(g, 1, dtype=torch.long, device=log_w.device), rest], 1)
+        resample = multinomial_unsorted if scheme == "multinomial" else get_resampler(scheme)
+        local = resample(log_w, n_draws, generator)
+    if conditional:
+        local = torch.cat([torch.zeros(g, 1, dtype=torch.long, device=log_w.device), local], 1)
     if not all(do):
         keep = ~torch.tensor(do, device=log_w.device)
         local = torch.where(keep[:, None], torch.arange(k, device=log_w.device), local)
