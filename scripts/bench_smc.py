@@ -712,37 +712,34 @@ def write_markdown(path: str, results: dict[str, dict[str, dict]], meta: dict) -
         "| model | section | metric | ratio | target | ok | raw seconds (medians) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for model, section, key, value, target, mark, raw in table_rows(results):
-        raw = raw.replace("|", "\\|")
-        lines.append(f"| {model} | {section} | `{key}` | {value:.3f} | {target} | {mark} | {raw} |")
+    for model, sections in results.items():
+        for section, res in sections.items():
+            for key, value, target, mark, raw in section_rows(section, res):
+                raw = raw.replace("|", "\\|")
+                lines.append(
+                    f"| {model} | {section} | `{key}` | {value:.3f} | {target} | {mark} | {raw} |"
+                )
     lines.append("")
     for model, sections in results.items():
         for section, res in sections.items():
-            cfg = ", ".join(f"{k}={v}" for k, v in res["config"].items() if k != "overrides")
-            lines.append(f"- {model} / {section}: {cfg}")
+            lines.append(f"- {model} / {section}: {config_text(res)}")
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-def table_rows(results: dict[str, dict[str, dict]]):
-    """(model, section, key, ratio, target, pass/FAIL/-, raw medians) per reported ratio."""
-    for model, sections in results.items():
-        for section, res in sections.items():
-            med = res["seconds_median"]
-            for key, raw in RAW.items():
-                if key not in res or section not in raw:
-                    continue
-                ok = passes(key, res[key], res)
-                op, target = TARGETS.get(key, ("", ""))
-                mark = "-" if ok is None else ("pass" if ok else "FAIL")
-                yield (
-                    model,
-                    section,
-                    key,
-                    res[key],
-                    f"{op}{target}",
-                    mark,
-                    raw_text(key, *raw[section], med),
-                )
+def section_rows(section: str, res: dict):
+    """(key, ratio, target, pass/FAIL/-, raw medians) per ratio that a section reports."""
+    med = res["seconds_median"]
+    for key, raw in RAW.items():
+        if key not in res or section not in raw:
+            continue
+        ok = passes(key, res[key], res)
+        op, target = TARGETS.get(key, ("", ""))
+        mark = "-" if ok is None else ("pass" if ok else "FAIL")
+        yield key, res[key], f"{op}{target}", mark, raw_text(key, *raw[section], med)
+
+
+def config_text(res: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in res["config"].items() if k != "overrides")
 
 
 def print_table(results: dict[str, dict[str, dict]]) -> None:
@@ -751,20 +748,11 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
     )
     print(hdr)
     print("-" * len(hdr))
-    last = None
-    for model, section, key, value, target, mark, raw in table_rows(results):
-        if last is not None and last != (model, section):
-            print_config(*last, results)
-        last = (model, section)
-        print(f"{model:<12} {key:<22} {value:>7.3f} {target:>8} {mark:>4}   {raw}")
-    if last is not None:
-        print_config(*last, results)
-
-
-def print_config(model: str, section: str, results: dict[str, dict[str, dict]]) -> None:
-    cfg = results[model][section]["config"]
-    text = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "overrides")
-    print(f"{'':<12} ({section}: {text})")
+    for model, sections in results.items():
+        for section, res in sections.items():
+            for key, value, target, mark, raw in section_rows(section, res):
+                print(f"{model:<12} {key:<22} {value:>7.3f} {target:>8} {mark:>4}   {raw}")
+            print(f"{'':<12} ({section}: {config_text(res)})")
 
 
 def main(argv: list[str] | None = None) -> int:
