@@ -15,7 +15,7 @@ from smclm.evaluators.bounds import evaluate_bounds
 from smclm.evaluators.exact import solve
 from smclm.models.loading import ModelLoadError
 from smclm.models.toy import build_toy_tokenizer
-from smclm.models.twisted_lm import TwistedLM
+from smclm.models.twisted_lm import TwistedLM, token_log_probs
 from smclm.tasks.base import Task
 from smclm.tasks.classifier import TextClassifier
 from smclm.tasks.infilling import InfillingPotential
@@ -104,6 +104,49 @@ def test_infilling_log_phi_is_the_teacher_forced_log_prob_of_o(toy_world):
     # direct: log p₀ of the whole [s, o] continuation minus that of s alone, per token
     full = model.sequence_log_probs(PROMPT, torch.cat([s, o], dim=1))["log_p0"]
     assert torch.allclose(pot(s, o), full[:, 3:].sum(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [1, 12 * 2 * 3, 10**9])
+def test_token_log_probs_match_log_softmax_in_any_chunking(budget):
+    g = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(8, 12, bias=False)
+    h, targets = torch.randn(7, 2, 8, generator=g), torch.randint(0, 12, (7, 2), generator=g)
+    with torch.no_grad():
+        want = torch.log_softmax(head(h), -1).gather(-1, targets[..., None]).squeeze(-1)
+        got = token_log_probs(head, h, targets, budget=budget)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-6)
+    assert token_log_probs(head, h[:0], targets[:0]).shape == (0, 2)
+
+
+def test_infilling_log_phi_holds_a_bounded_number_of_logits(toy_world, monkeypatch):
+    """Both paths of log p₀(o | prompt, s) give the same values with the head run on chunks of
+    rows: no [N, c, V] logits tensor for many particles (the bounds evaluator's K = 2048)."""
+    import smclm.models.twisted_lm as tlm
+
+    base, _ = toy_world
+    model, n, t_len, c = TwistedLM(base), 9, 3, 2
+    g = torch.Generator().manual_seed(5)
+    s, o = torch.randint(0, 12, (n, t_len), generator=g), torch.randint(0, 12, (n, c), generator=g)
+    pot = InfillingPotential(base, PROMPT)
+
+    def context():  # the sampler's KV cache of [prompt, s_1:T−1]
+        ctx, _ = model.start(PROMPT, n)
+        for t in range(t_len - 1):
+            model.advance(ctx, s[:, t])
+        return ctx
+
+    whole_call, whole_cache = pot(s, o), pot.from_cache(model, context(), s, o)
+    assert torch.allclose(whole_cache, whole_call, atol=1e-5)
+    ctx, head, rows = context(), base.get_output_embeddings(), []
+    hook = head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    monkeypatch.setattr(tlm, "TOKEN_LOGITS_BUDGET", 2 * c * 12)  # two rows per chunk
+    try:
+        chunked_call, chunked_cache = pot(s, o), pot.from_cache(model, ctx, s, o)
+    finally:
+        hook.remove()
+    assert rows == [2, 2, 2, 2, 1] * 2
+    assert torch.allclose(chunked_call, whole_call, atol=1e-6)
+    assert torch.allclose(chunked_cache, whole_cache, atol=1e-6)
 
 
 def _infilling_task(t_len: int = 2, c: int = 1, base=None) -> Task:

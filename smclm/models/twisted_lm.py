@@ -25,6 +25,28 @@ from torch import Tensor, nn
 
 from smclm.models.cache import cache_kwargs, reorder_cache
 
+# log-probs of given tokens are computed over at most this many logits at a time (float32:
+# 128 MiB, about three times that at the peak), whatever the number of rows
+TOKEN_LOGITS_BUDGET = 1 << 25
+
+
+def token_log_probs(
+    head: nn.Module, h: Tensor, targets: Tensor, budget: int | None = None
+) -> Tensor:
+    """log p(targets) [N, L] (float32) under the softmax of ``head(h)`` for hidden states h
+    [N, L, d], without holding [N, L, V] logits at once: rows go through the head in chunks of
+    at most ``budget`` logits (at least one row; default ``TOKEN_LOGITS_BUDGET``)."""
+    budget = TOKEN_LOGITS_BUDGET if budget is None else budget
+    n, length = targets.shape
+    vocab = int(head.weight.shape[0])
+    rows = max(1, budget // max(1, length * vocab))
+    out = []
+    for i in range(0, n, rows):
+        logits = head(h[i : i + rows]).float()
+        picked = logits.gather(-1, targets[i : i + rows, :, None]).squeeze(-1)
+        out.append(picked - torch.logsumexp(logits, dim=-1))
+    return torch.cat(out) if out else h.new_zeros((0, length), dtype=torch.float32)
+
 
 @dataclass
 class StepDists:

@@ -6,10 +6,10 @@ tokens that follow the output s_1:T. Exact target samples come from joint sampli
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smclm.models.cache import cache_kwargs
+from smclm.models.twisted_lm import token_log_probs
 from smclm.tasks.base import Task
 from smclm.tasks.plugin import TaskEnv
 
@@ -30,14 +30,15 @@ class InfillingPotential:
             cond = cond.expand(n, -1)
         dev = next(self.base.parameters()).device
         p_len = self.prompt_ids.numel()
+        body, head = self.base.base_model, self.base.get_output_embeddings()
         out = []
         for i in range(0, n, self.batch_size):
             s, o = tokens[i : i + self.batch_size].to(dev), cond[i : i + self.batch_size].to(dev)
             prompt = self.prompt_ids.to(dev)[None].expand(s.shape[0], -1)
             ids = torch.cat([prompt, s, o[:, :-1]], dim=1)
-            logits = self.base(input_ids=ids).logits[:, p_len + t_len - 1 :].float()
-            lp = F.log_softmax(logits, dim=-1).gather(-1, o[:, :, None]).squeeze(-1)
-            out.append(lp.sum(1))
+            # the head only at the c positions that predict o
+            h = body(input_ids=ids).last_hidden_state[:, p_len + t_len - 1 :]
+            out.append(token_log_probs(head, h, o).sum(1))
         return torch.cat(out).to(tokens.device)
 
     @torch.no_grad()
@@ -51,8 +52,7 @@ class InfillingPotential:
             cond = cond.expand(tokens.shape[0], -1)
         ids = torch.cat([tokens[:, -1:], cond[:, :-1]], dim=1)
         h = model.body(input_ids=ids, **cache_kwargs(model.body, ctx.cache)).last_hidden_state
-        lp = model.log_p0_from_hidden(h)  # [N, c, V], float32
-        return lp.gather(-1, cond[:, :, None]).squeeze(-1).sum(1)
+        return token_log_probs(self.base.get_output_embeddings(), h, cond).sum(1)
 
 
 def infilling_task(env: TaskEnv, *, name: str, prompt: str, output_len: int, cond_len: int) -> Task:
