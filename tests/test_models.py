@@ -80,3 +80,81 @@ def test_toy_model_loads_in_process():
     base, tok = load_base_model("toy", torch.float32, "cpu", {"vocab_size": 8})
     assert base.get_output_embeddings().weight.shape[0] == 8
     assert tok.decode([0, 1]) == "the cat"
+
+
+def _arch(name: str):
+    """A tiny random causal LM of an architecture whose logits are not just the head's output
+    (soft-capped, scaled) or whose body projects out (OPT-350m), with the toy tokenizer."""
+    import transformers as tr
+
+    common = dict(vocab_size=12, bos_token_id=11, eos_token_id=11, max_position_embeddings=64)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    specs = {
+        "gemma2": (tr.Gemma2Config, tr.Gemma2ForCausalLM,
+                   dict(small, num_key_value_heads=2, head_dim=8, sliding_window=8,
+                        final_logit_softcapping=2.0, initializer_range=0.5)),
+        "granite": (tr.GraniteConfig, tr.GraniteForCausalLM,
+                    dict(small, num_key_value_heads=2, logits_scaling=4.0, initializer_range=0.5)),
+        "cohere": (tr.CohereConfig, tr.CohereForCausalLM,
+                   dict(small, num_key_value_heads=2, logit_scale=4.0)),
+        "opt": (tr.OPTConfig, tr.OPTForCausalLM,
+                dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                     word_embed_proj_dim=16, pad_token_id=0, init_std=0.5)),
+    }  # fmt: skip
+    cfg_cls, model_cls, kw = specs[name]
+    torch.manual_seed(0)
+    return model_cls(cfg_cls(**common, **kw))
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "granite", "cohere", "opt"])
+def test_p0_is_the_models_own_next_token_distribution(tmp_path, arch):
+    """log p₀ of the teacher-forced pass and of incremental sampling equal log_softmax of the
+    model's own logits, on architectures that transform them after the head (and on OPT, whose
+    body projects its hidden states to the head's width: conditional twist heads read that)."""
+    from smclm.models.toy import build_toy_tokenizer
+
+    _arch(arch).save_pretrained(tmp_path)
+    build_toy_tokenizer(12).save_pretrained(tmp_path)
+    base, _ = load_base_model(str(tmp_path), torch.float32, "cpu")  # runs check_output_head
+    prompt, g = torch.tensor([3, 4]), torch.Generator().manual_seed(0)
+    tokens, cond = (
+        torch.randint(0, 11, (3, 5), generator=g),
+        torch.randint(0, 11, (3, 2), generator=g),
+    )
+    with torch.no_grad():
+        ids = torch.cat([prompt[None].expand(3, -1), tokens], dim=1)
+        own = torch.log_softmax(base(input_ids=ids).logits.float(), -1)[:, 1:-1]
+        raw = torch.log_softmax(base.get_output_embeddings()(
+            base.base_model(input_ids=ids).last_hidden_state).float(), -1)[:, 1:-1]  # fmt: skip
+    want = own.gather(-1, tokens[..., None]).squeeze(-1)
+    if arch != "opt":  # the transform matters: the bare head's distribution is another one
+        assert (raw - own).abs().max() > 0.05
+    model = TwistedLM(base, build_twist("head", base, head="mlp", conditional=True))
+    full = model.sequence_log_probs(prompt, tokens, cond)["log_p0"]
+    ctx, dists = model.start(prompt, 3, cond)
+    steps = [dists.log_p0.gather(1, tokens[:, :1])]
+    for t in range(4):
+        dists = model.advance(ctx, tokens[:, t])
+        steps.append(dists.log_p0.gather(1, tokens[:, t + 1 : t + 2]))
+    torch.testing.assert_close(full, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(steps, 1), want, atol=1e-5, rtol=0)
+    assert dists.log_psi.shape == (3, 12)
+
+
+def test_a_model_whose_logits_are_not_its_head_output_is_refused(tiny_lm_dirs):
+    from transformers import GPT2LMHeadModel
+
+    from smclm.models.twisted_lm import check_output_head
+
+    class Tempered(GPT2LMHeadModel):  # an unknown transform after the head
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    base = Tempered.from_pretrained(tiny_lm_dirs["gpt2"])
+    with torch.no_grad():
+        base.get_output_embeddings().weight.normal_(0, 1.0)
+    with pytest.raises(ValueError, match="Tempered.* is not supported"):
+        check_output_head(base, "model.name=tempered")
+    check_output_head(GPT2LMHeadModel.from_pretrained(tiny_lm_dirs["gpt2"]), "model.name=gpt2")

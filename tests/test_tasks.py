@@ -15,7 +15,7 @@ from smclm.evaluators.bounds import evaluate_bounds
 from smclm.evaluators.exact import solve
 from smclm.models.loading import ModelLoadError
 from smclm.models.toy import build_toy_tokenizer
-from smclm.models.twisted_lm import TwistedLM, token_log_probs
+from smclm.models.twisted_lm import TwistedLM, hidden_dim, output_logits, token_log_probs
 from smclm.tasks.base import Task
 from smclm.tasks.classifier import TextClassifier
 from smclm.tasks.infilling import InfillingPotential
@@ -107,15 +107,15 @@ def test_infilling_log_phi_is_the_teacher_forced_log_prob_of_o(toy_world):
 
 
 @pytest.mark.parametrize("budget", [1, 12 * 2 * 3, 10**9])
-def test_token_log_probs_match_log_softmax_in_any_chunking(budget):
-    g = torch.Generator().manual_seed(4)
-    head = torch.nn.Linear(8, 12, bias=False)
-    h, targets = torch.randn(7, 2, 8, generator=g), torch.randint(0, 12, (7, 2), generator=g)
+def test_token_log_probs_match_log_softmax_in_any_chunking(toy_world, budget):
+    base, g = toy_world[0], torch.Generator().manual_seed(4)
+    h = torch.randn(7, 2, hidden_dim(base), generator=g)
+    targets = torch.randint(0, 12, (7, 2), generator=g)
     with torch.no_grad():
-        want = torch.log_softmax(head(h), -1).gather(-1, targets[..., None]).squeeze(-1)
-        got = token_log_probs(head, h, targets, budget=budget)
-    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-6)
-    assert token_log_probs(head, h[:0], targets[:0]).shape == (0, 2)
+        want = torch.log_softmax(output_logits(base, h), -1).gather(-1, targets[..., None])
+        got = token_log_probs(base, h, targets, budget=budget)
+    assert got.dtype == torch.float32 and torch.allclose(got, want.squeeze(-1), atol=1e-6)
+    assert token_log_probs(base, h[:0], targets[:0]).shape == (0, 2)
 
 
 def test_infilling_log_phi_holds_a_bounded_number_of_logits(toy_world, monkeypatch):

@@ -11,6 +11,7 @@ from torch import nn
 
 from smclm.errors import UserError
 from smclm.models.twist import Head, HeadTwist, SeparateTwist
+from smclm.models.twisted_lm import check_output_head, hidden_dim
 
 DTYPES = {
     "float32": torch.float32,
@@ -165,7 +166,7 @@ def load_base_model(
                 f"model.name={name} holds GGUF files but no config.json; load one with "
                 f"model=smollm2 model.name={name} model.gguf_file={ggufs[0]}"
             )
-    return load_pretrained(
+    model, tok = load_pretrained(
         path,
         "model.name",
         AutoModelForCausalLM,
@@ -174,6 +175,11 @@ def load_base_model(
         dtype,
         device,
     )
+    try:
+        check_output_head(model, f"model.name={name}")
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
+    return model, tok
 
 
 def build_twist(
@@ -190,7 +196,7 @@ def build_twist(
     """kind: none (ψ ≡ 1) | head (on the frozen base) | separate (trainable copy of the body)."""
     if kind == "none":
         return None
-    d = int(base.config.hidden_size if hasattr(base.config, "hidden_size") else base.config.n_embd)
+    d = hidden_dim(base)
     vocab = int(base.get_output_embeddings().weight.shape[0])
     d_in = 2 * d if conditional else d
     device = next(base.parameters()).device

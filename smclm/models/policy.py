@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from smclm.models.cache import cache_kwargs, reorder_cache
 from smclm.models.lora import add_lora
 from smclm.models.twist import Head, HeadTwist, SeparateTwist, TwistState
+from smclm.models.twisted_lm import hidden_dim, output_logits
 
 POLICIES = ("full", "mlp_head", "separate_conditional", "lora")
 
@@ -79,8 +80,7 @@ class FullPolicy(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        cfg = self.lm.config
-        return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+        return hidden_dim(self.lm)
 
     def _check(self, cond: Tensor | None) -> None:
         if cond is not None:
@@ -90,7 +90,7 @@ class FullPolicy(nn.Module):
             )
 
     def _logits(self, h: Tensor) -> Tensor:
-        return self.lm.get_output_embeddings()(h).float()
+        return output_logits(self.lm, h)
 
     def begin(self, prompt_ids: Tensor, base_hidden: Tensor, n: int, cond: Tensor | None):
         from smclm.models.cache import make_kv_cache
@@ -138,8 +138,7 @@ def build_policy(
     if kind not in POLICIES:
         raise ValueError(f"unknown policy '{kind}'; choose one of: {', '.join(POLICIES)}")
     device = next(base.parameters()).device
-    cfg = base.config
-    d = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+    d = hidden_dim(base)
     vocab = int(base.get_output_embeddings().weight.shape[0])
     if kind in ("full", "lora"):
         if conditional:

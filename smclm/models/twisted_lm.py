@@ -25,24 +25,79 @@ from torch import Tensor, nn
 
 from smclm.models.cache import cache_kwargs, reorder_cache
 
+
+def output_logits(base: nn.Module, h: Tensor) -> Tensor:
+    """The base LM's next-token logits (float32) from the last hidden states h [..., d] of its
+    body (``base.base_model``): its output head, then the transforms that some architectures'
+    forwards apply after the head: Gemma's soft-capping (``final_logit_softcapping``), Granite's
+    ``logits_scaling`` and Cohere's ``logit_scale``. :func:`check_output_head` refuses a model
+    whose own logits this does not reproduce."""
+    x = base.get_output_embeddings()(h).float()
+    cfg = base.config
+    scale = getattr(cfg, "logit_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        x = x * float(scale)
+    divisor = getattr(cfg, "logits_scaling", None)
+    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool):
+        x = x / float(divisor)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0:
+        x = torch.tanh(x / float(cap)) * float(cap)
+    return x
+
+
+def hidden_dim(base: nn.Module) -> int:
+    """The width of the body's last hidden states: the output head's input (this differs from
+    ``hidden_size`` where the body projects out, as OPT-350m does)."""
+    return int(base.get_output_embeddings().weight.shape[1])
+
+
+@torch.no_grad()
+def check_output_head(base: nn.Module, what: str) -> None:
+    """Refuse (ValueError, one line) a causal LM whose logits are not :func:`output_logits` of
+    its body's last hidden state, on a probe of a few tokens: the sampler reads p₀ that way."""
+    vocab = int(base.get_output_embeddings().weight.shape[0])
+    device = next(base.parameters()).device
+    ids = (torch.arange(4, device=device) * 7 % vocab)[None]
+    try:
+        ours = output_logits(base, base.base_model(input_ids=ids).last_hidden_state)
+        theirs = base(input_ids=ids).logits.float()
+    except Exception as e:  # a body without last_hidden_state, a head of another shape, …
+        raise ValueError(
+            f"{what}: its body and output head cannot be run apart ({type(e).__name__}: {e}); "
+            "smclm needs a causal LM whose logits are its head on its body's last hidden state"
+        ) from e
+    gap = float((ours.log_softmax(-1) - theirs.log_softmax(-1)).abs().max())
+    # the model's own logits are rounded to its dtype (bf16: 2⁻⁸ relative), ours are float32
+    dtype = next(base.parameters()).dtype
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 1e-2
+    tol = 1e-3 + 8 * eps * float(theirs.abs().max())
+    if not gap <= tol:
+        raise ValueError(
+            f"{what}: its forward transforms the logits after the output head in a way smclm "
+            f"does not know (log p₀ differs by {gap:.3g} on a probe), so p₀ would be wrong; "
+            f"this architecture ({type(base).__name__}) is not supported"
+        )
+
+
 # log-probs of given tokens are computed over at most this many logits at a time (float32:
 # 128 MiB, about three times that at the peak), whatever the number of rows
 TOKEN_LOGITS_BUDGET = 1 << 25
 
 
 def token_log_probs(
-    head: nn.Module, h: Tensor, targets: Tensor, budget: int | None = None
+    base: nn.Module, h: Tensor, targets: Tensor, budget: int | None = None
 ) -> Tensor:
-    """log p(targets) [N, L] (float32) under the softmax of ``head(h)`` for hidden states h
-    [N, L, d], without holding [N, L, V] logits at once: rows go through the head in chunks of
-    at most ``budget`` logits (at least one row; default ``TOKEN_LOGITS_BUDGET``)."""
+    """log p₀(targets) [N, L] (float32) from the base's last hidden states h [N, L, d] (see
+    :func:`output_logits`), without holding [N, L, V] logits at once: rows go through the head
+    in chunks of at most ``budget`` logits (at least one row; default ``TOKEN_LOGITS_BUDGET``)."""
     budget = TOKEN_LOGITS_BUDGET if budget is None else budget
     n, length = targets.shape
-    vocab = int(head.weight.shape[0])
+    vocab = int(base.get_output_embeddings().weight.shape[0])
     rows = max(1, budget // max(1, length * vocab))
     out = []
     for i in range(0, n, rows):
-        logits = head(h[i : i + rows]).float()
+        logits = output_logits(base, h[i : i + rows])
         picked = logits.gather(-1, targets[i : i + rows, :, None]).squeeze(-1)
         out.append(picked - torch.logsumexp(logits, dim=-1))
     return torch.cat(out) if out else h.new_zeros((0, length), dtype=torch.float32)
@@ -100,7 +155,7 @@ class TwistedLM(nn.Module):
 
     def log_p0_from_hidden(self, h: Tensor) -> Tensor:
         """log p₀ (float32) from the base body's hidden states [..., d]."""
-        return F.log_softmax(self.base.get_output_embeddings()(h).float(), dim=-1)
+        return F.log_softmax(output_logits(self.base, h), dim=-1)
 
     def with_twist(self, twist: nn.Module | None, keep_policy: bool = False) -> TwistedLM:
         """The same base model with another twist (no copy of the base); the policy is dropped

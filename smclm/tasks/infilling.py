@@ -30,7 +30,7 @@ class InfillingPotential:
             cond = cond.expand(n, -1)
         dev = next(self.base.parameters()).device
         p_len = self.prompt_ids.numel()
-        body, head = self.base.base_model, self.base.get_output_embeddings()
+        body = self.base.base_model
         out = []
         for i in range(0, n, self.batch_size):
             s, o = tokens[i : i + self.batch_size].to(dev), cond[i : i + self.batch_size].to(dev)
@@ -38,7 +38,7 @@ class InfillingPotential:
             ids = torch.cat([prompt, s, o[:, :-1]], dim=1)
             # the head only at the c positions that predict o
             h = body(input_ids=ids).last_hidden_state[:, p_len + t_len - 1 :]
-            out.append(token_log_probs(head, h, o).sum(1))
+            out.append(token_log_probs(self.base, h, o).sum(1))
         return torch.cat(out).to(tokens.device)
 
     @torch.no_grad()
@@ -52,7 +52,7 @@ class InfillingPotential:
             cond = cond.expand(tokens.shape[0], -1)
         ids = torch.cat([tokens[:, -1:], cond[:, :-1]], dim=1)
         h = model.body(input_ids=ids, **cache_kwargs(model.body, ctx.cache)).last_hidden_state
-        return token_log_probs(self.base.get_output_embeddings(), h, cond).sum(1)
+        return token_log_probs(self.base, h, cond).sum(1)
 
 
 def infilling_task(env: TaskEnv, *, name: str, prompt: str, output_len: int, cond_len: int) -> Task:
