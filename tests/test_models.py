@@ -158,3 +158,32 @@ def test_a_model_whose_logits_are_not_its_head_output_is_refused(tiny_lm_dirs):
     with pytest.raises(ValueError, match="Tempered.* is not supported"):
         check_output_head(base, "model.name=tempered")
     check_output_head(GPT2LMHeadModel.from_pretrained(tiny_lm_dirs["gpt2"]), "model.name=gpt2")
+
+
+@pytest.mark.parametrize("kind", ["head", "separate"])
+def test_each_distinct_o_is_encoded_once(tiny_lm_dirs, kind):
+    """The particles of a run share o: g(o) is computed once per distinct row, and equals the
+    per-row encoding (values and, for the trained body copy, gradients)."""
+    base, _ = load_base_model(tiny_lm_dirs["gpt_neo"], torch.float32, "cpu")
+    twist = build_twist(kind, base, head="mlp", conditional=True)
+    body = twist.body if kind == "separate" else base.base_model
+    o = torch.tensor([[1, 2, 3], [4, 5, 6], [1, 2, 3], [7, 8, 9], [4, 5, 6], [1, 2, 3]])
+    rows: list[int] = []
+    hook = body.register_forward_hook(lambda _m, args, kw, _o: rows.append(kw["input_ids"].shape[0]),
+                                      with_kwargs=True)  # fmt: skip
+    try:
+        got = twist.encode_cond(o)
+    finally:
+        hook.remove()
+    assert rows == [3]
+    want = torch.cat([twist.encode_cond(o[i : i + 1]) for i in range(o.shape[0])])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    if kind == "separate":
+        grads = []
+        for enc in (lambda: got, lambda: want):
+            twist.zero_grad()
+            (enc() * torch.arange(6.0)[:, None]).sum().backward(retain_graph=True)
+            grads.append(torch.cat([p.grad.flatten() for p in twist.body.parameters()
+                                    if p.grad is not None]))  # fmt: skip
+        # float32 sums in another order: equal to 1e-4 of the largest gradient entry
+        assert (grads[0] - grads[1]).abs().max() <= 1e-4 * grads[1].abs().max()

@@ -104,8 +104,12 @@ def _concat_cond(h: Tensor, cond_h: Tensor | None) -> Tensor:
 
 
 def _last_hidden(body: nn.Module, ids: Tensor) -> Tensor:
-    """Final hidden state at the last position of ``ids`` [N, c] → [N, d]."""
-    return body(input_ids=ids).last_hidden_state[:, -1]
+    """Final hidden state at the last position of ``ids`` [N, c] → [N, d]. Equal rows (the
+    particles of one SMC run share their o) go through the body once."""
+    uniq, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    if uniq.shape[0] == ids.shape[0]:
+        return body(input_ids=ids).last_hidden_state[:, -1]
+    return body(input_ids=uniq).last_hidden_state[:, -1].index_select(0, inverse)
 
 
 class HeadTwist(nn.Module):
