@@ -260,3 +260,17 @@ def test_bad_arguments(model, exp_count):
             generator=gen,
             cond=torch.zeros(3, 2, dtype=torch.long),
         )
+
+
+def test_a_constant_potential_is_reported(model, caplog):
+    """φ that no output satisfies (the threshold never met: φ ≡ ε) makes σ = p₀, where every
+    learner looks perfect; the solver says so. A potential that varies is not reported."""
+    never = build_toy_task(PROMPT, T, "threshold", [3], V, min_count=T + 1)
+    with caplog.at_level("WARNING", logger="smclm.evaluators.exact"):
+        sol = solve(model, never)
+    assert math.isclose(sol.log_z, math.log(1e-16), rel_tol=1e-6)  # log φ is float32
+    assert [r.getMessage() for r in caplog.records if "σ is p₀ itself" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="smclm.evaluators.exact"):
+        solve(model, build_toy_task(PROMPT, T, "threshold", [3], V, min_count=1))
+    assert not caplog.records

@@ -11,6 +11,7 @@ oracle the estimators and learners are tested against.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from smclm.models.twisted_lm import TwistedLM
 from smclm.tasks.base import Task
 
 MAX_SEQUENCES = 1_000_000
+log = logging.getLogger(__name__)
 
 
 class EnumerationTooLargeError(UserError, ValueError):
@@ -162,6 +164,15 @@ def solve(
         ]
     )
     log_z = float(torch.logsumexp(log_p0 + log_phi, 0))
+    span = float(log_phi.max() - log_phi.min())
+    if math.isfinite(span) and span <= 1e-9 * max(1.0, float(log_phi.abs().max())):
+        log.warning(
+            "log φ = %.6g for every output%s: the target σ is p₀ itself, so the KLs measure "
+            "nothing of the learner; check the potential's settings (task.threshold, "
+            "task.classifier, …)",
+            float(log_phi[0]),
+            "" if cond is None else " given this o",
+        )
     return ExactSolution(v, t_len, seqs, log_p0, log_phi, log_z)
 
 
