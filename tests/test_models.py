@@ -187,3 +187,17 @@ def test_each_distinct_o_is_encoded_once(tiny_lm_dirs, kind):
                                     if p.grad is not None]))  # fmt: skip
         # float32 sums in another order: equal to 1e-4 of the largest gradient entry
         assert (grads[0] - grads[1]).abs().max() <= 1e-4 * grads[1].abs().max()
+
+
+def test_a_model_without_a_separable_head_is_refused_in_one_line(tiny_lm_dirs):
+    from transformers import GPT2LMHeadModel
+
+    from smclm.models.twisted_lm import check_output_head
+
+    class Headless(GPT2LMHeadModel):
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(ValueError, match=r"cannot be run apart \(AttributeError") as err:
+        check_output_head(Headless.from_pretrained(tiny_lm_dirs["gpt2"]), "model.name=headless")
+    assert "\n" not in str(err.value)

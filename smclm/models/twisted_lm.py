@@ -56,15 +56,17 @@ def hidden_dim(base: nn.Module) -> int:
 def check_output_head(base: nn.Module, what: str) -> None:
     """Refuse (ValueError, one line) a causal LM whose logits are not :func:`output_logits` of
     its body's last hidden state, on a probe of a few tokens: the sampler reads p₀ that way."""
-    vocab = int(base.get_output_embeddings().weight.shape[0])
     device = next(base.parameters()).device
-    ids = (torch.arange(4, device=device) * 7 % vocab)[None]
     try:
+        vocab = int(base.get_output_embeddings().weight.shape[0])
+        ids = (torch.arange(4, device=device) * 7 % vocab)[None]
         ours = output_logits(base, base.base_model(input_ids=ids).last_hidden_state)
         theirs = base(input_ids=ids).logits.float()
     except Exception as e:  # a body without last_hidden_state, a head of another shape, …
+        first = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(
-            f"{what}: its body and output head cannot be run apart ({type(e).__name__}: {e}); "
+            f"{what}: its body and output head cannot be run apart ({type(e).__name__}: "
+            f"{first}); "
             "smclm needs a causal LM whose logits are its head on its body's last hidden state"
         ) from e
     gap = float((ours.log_softmax(-1) - theirs.log_softmax(-1)).abs().max())
