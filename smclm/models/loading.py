@@ -11,7 +11,7 @@ from torch import nn
 
 from smclm.errors import UserError
 from smclm.models.twist import Head, HeadTwist, SeparateTwist
-from smclm.models.twisted_lm import check_output_head, hidden_dim
+from smclm.models.twisted_lm import check_output_head, hidden_dim, vocab_size
 
 DTYPES = {
     "float32": torch.float32,
@@ -197,7 +197,7 @@ def build_twist(
     if kind == "none":
         return None
     d = hidden_dim(base)
-    vocab = int(base.get_output_embeddings().weight.shape[0])
+    vocab = vocab_size(base)
     d_in = 2 * d if conditional else d
     device = next(base.parameters()).device
     h = Head(d_in, vocab, kind=head, hidden_mult=hidden_mult, n_layers=n_layers, squash=squash)

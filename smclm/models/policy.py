@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from smclm.models.cache import cache_kwargs, reorder_cache
 from smclm.models.lora import add_lora
 from smclm.models.twist import Head, HeadTwist, SeparateTwist, TwistState
-from smclm.models.twisted_lm import hidden_dim, output_logits
+from smclm.models.twisted_lm import hidden_dim, output_logits, vocab_size
 
 POLICIES = ("full", "mlp_head", "separate_conditional", "lora")
 
@@ -139,7 +139,7 @@ def build_policy(
         raise ValueError(f"unknown policy '{kind}'; choose one of: {', '.join(POLICIES)}")
     device = next(base.parameters()).device
     d = hidden_dim(base)
-    vocab = int(base.get_output_embeddings().weight.shape[0])
+    vocab = vocab_size(base)
     if kind in ("full", "lora"):
         if conditional:
             raise ValueError(

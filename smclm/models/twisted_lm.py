@@ -26,6 +26,12 @@ from torch import Tensor, nn
 from smclm.models.cache import cache_kwargs, reorder_cache
 
 
+def _config_number(cfg: Any, name: str) -> float | None:
+    """``cfg.name`` when it is a number (not a bool), else None."""
+    value = getattr(cfg, name, None)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def output_logits(base: nn.Module, h: Tensor) -> Tensor:
     """The base LM's next-token logits (float32) from the last hidden states h [..., d] of its
     body (``base.base_model``): its output head, then the transforms that some architectures'
@@ -33,17 +39,21 @@ def output_logits(base: nn.Module, h: Tensor) -> Tensor:
     ``logits_scaling`` and Cohere's ``logit_scale``. :func:`check_output_head` refuses a model
     whose own logits this does not reproduce."""
     x = base.get_output_embeddings()(h).float()
-    cfg = base.config
-    scale = getattr(cfg, "logit_scale", None)
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        x = x * float(scale)
-    divisor = getattr(cfg, "logits_scaling", None)
-    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool):
-        x = x / float(divisor)
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0:
-        x = torch.tanh(x / float(cap)) * float(cap)
+    scale = _config_number(base.config, "logit_scale")
+    if scale is not None:
+        x = x * scale
+    divisor = _config_number(base.config, "logits_scaling")
+    if divisor is not None:
+        x = x / divisor
+    cap = _config_number(base.config, "final_logit_softcapping")
+    if cap is not None and cap > 0:
+        x = torch.tanh(x / cap) * cap
     return x
+
+
+def vocab_size(base: nn.Module) -> int:
+    """V, the size of the LM's output distribution (the output head's rows)."""
+    return int(base.get_output_embeddings().weight.shape[0])
 
 
 def hidden_dim(base: nn.Module) -> int:
@@ -56,10 +66,9 @@ def hidden_dim(base: nn.Module) -> int:
 def check_output_head(base: nn.Module, what: str) -> None:
     """Refuse (ValueError, one line) a causal LM whose logits are not :func:`output_logits` of
     its body's last hidden state, on a probe of a few tokens: the sampler reads p₀ that way."""
-    device = next(base.parameters()).device
+    param = next(base.parameters())
     try:
-        vocab = int(base.get_output_embeddings().weight.shape[0])
-        ids = (torch.arange(4, device=device) * 7 % vocab)[None]
+        ids = (torch.arange(4, device=param.device) * 7 % vocab_size(base))[None]
         ours = output_logits(base, base.base_model(input_ids=ids).last_hidden_state)
         theirs = base(input_ids=ids).logits.float()
     except Exception as e:  # a body without last_hidden_state, a head of another shape, …
@@ -71,8 +80,7 @@ def check_output_head(base: nn.Module, what: str) -> None:
         ) from e
     gap = float((ours.log_softmax(-1) - theirs.log_softmax(-1)).abs().max())
     # the model's own logits are rounded to its dtype (bf16: 2⁻⁸ relative), ours are float32
-    dtype = next(base.parameters()).dtype
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 1e-2
+    eps = torch.finfo(param.dtype).eps if param.dtype.is_floating_point else 1e-2
     tol = 1e-3 + 8 * eps * float(theirs.abs().max())
     if not gap <= tol:
         raise ValueError(
@@ -95,8 +103,7 @@ def token_log_probs(
     in chunks of at most ``budget`` logits (at least one row; default ``TOKEN_LOGITS_BUDGET``)."""
     budget = TOKEN_LOGITS_BUDGET if budget is None else budget
     n, length = targets.shape
-    vocab = int(base.get_output_embeddings().weight.shape[0])
-    rows = max(1, budget // max(1, length * vocab))
+    rows = max(1, budget // max(1, length * vocab_size(base)))
     out = []
     for i in range(0, n, rows):
         logits = output_logits(base, h[i : i + rows])
@@ -149,7 +156,7 @@ class TwistedLM(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return int(self.base.get_output_embeddings().weight.shape[0])
+        return vocab_size(self.base)
 
     @property
     def device(self) -> torch.device:

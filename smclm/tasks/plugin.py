@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from smclm.models.twisted_lm import vocab_size
 from smclm.tasks.base import Task
 
 
@@ -45,7 +46,7 @@ class TaskEnv:
     @property
     def vocab_size(self) -> int:
         """V, the size of the LM's output distribution (token ids are in [0, V))."""
-        return int(self.base.get_output_embeddings().weight.shape[0])
+        return vocab_size(self.base)
 
 
 def potential_task(
