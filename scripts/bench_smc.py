@@ -85,6 +85,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -692,13 +693,32 @@ def raw_text(key: str, a: str, b: str, med: dict[str, float]) -> str:
     return f"{a}={med[a]:.3f}s / {b}={med[b]:.3f}s"
 
 
+def invocation(args: list[str]) -> tuple[str, str]:
+    """(where it was run from, the command line): the arguments as given, shell-quoted
+    (shlex.join), the script's path from the working directory when that is in the repository
+    (the Markdown is committed: no absolute path of this machine is written)."""
+    root = Path(__file__).resolve().parents[1]
+    here = Path.cwd().resolve()
+    script = os.path.relpath(Path(__file__).resolve(), here)
+    if here == root:
+        where = "the repository root"
+    elif root in here.parents:
+        where = f"`{here.relative_to(root).as_posix()}` in the repository"
+    else:
+        where = (
+            "outside the repository, not recorded; the script's path is from the repository root"
+        )
+        script = "scripts/bench_smc.py"
+    return where, shlex.join(["python", script, *args])
+
+
 def write_markdown(path: str, results: dict[str, dict[str, dict]], meta: dict) -> None:
     """The results table as Markdown, headed by the command that produced it and the machine
     and its load (1-minute load average before and after the run)."""
     lines = [
         "# `scripts/bench_smc.py` results",
         "",
-        "Produced by (from the repository root):",
+        f"Produced by (from {meta['where']}):",
         "",
         "```",
         meta["command"],
@@ -842,10 +862,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(flat, indent=2) + "\n")
         print(f"\nwrote {args.out}")
     if args.md:
-        cmd = " ".join(
-            ["python scripts/bench_smc.py", *(argv if argv is not None else sys.argv[1:])]
-        )
+        where, cmd = invocation(list(argv if argv is not None else sys.argv[1:]))
         meta = {
+            "where": where,
             "command": cmd,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "wall_s": time.perf_counter() - t_start,

@@ -7,6 +7,8 @@ import csv
 import io
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -25,18 +27,21 @@ SCRIPTS = ROOT / "scripts" / "paper"
 DATA = yaml.safe_load((ROOT / "smclm" / "report" / "paper_results.yaml").read_text())
 
 
-def run_script(name, *args, cache, timeout=600):
-    env = {
+def script_env(cache):
+    return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "SMCLM_CACHE": str(cache),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+
+
+def run_script(name, *args, cache, timeout=600):
     return subprocess.run(
         ["bash", str(SCRIPTS / f"{name}.sh"), *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=script_env(cache),
         cwd=cache.parent,
         timeout=timeout,
     )
@@ -174,6 +179,53 @@ def test_every_paper_script_smoke_report(name, tmp_path, tiny_lm_dirs, tiny_clas
         for k in (1, 4, 8):
             assert f"bounds_p0/k{k}/log_z_lower_sis" in summary
         assert (out / "log_z_bounds.png").stat().st_size > 1000
+
+
+RECORDED = re.compile(r"^Command \((.*)\), run from (.*):\n\n```\n(.*)\n```$", re.M)
+
+
+def test_recorded_command_reruns_the_same_runs(tmp_path, tiny_lm_dirs, tiny_classifier_dirs):
+    """report.md's command is the invocation as given (method=, --out, an override with brackets
+    and commas, one with a space): pasted into a shell with another --out, it makes the same runs
+    and the same table rows."""
+    over = tiny_overrides("table8_infilling2", tiny_lm_dirs, tiny_classifier_dirs)
+    first, again = tmp_path / "first", tmp_path / "again"
+    args = ["--profile", "smoke", "--out", str(first), *over, "evaluator.particles=[2,4]",
+            "method=ctl,dpg"]  # fmt: skip
+    assert "task.prompt=the cat" in args  # a space
+    proc = run_script("table8_infilling2", *args, cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (first / "report.md").read_text()
+    (given, where, command), *more = RECORDED.findall(report)
+    assert not more and given == "the arguments as given"
+    assert where == f"`{tmp_path.resolve()}` (outside the repository)"
+    assert shlex.split(command) == [str(SCRIPTS / "table8_infilling2.sh"), *args]
+    assert "\n## Environment\n\n```\n" in report
+    made_by = "\nMade by `smclm table . --paper table8` (in this directory).\n"
+    assert (first / "table.md").read_text().endswith(made_by)
+    assert command.count(shlex.quote(str(first))) == 1
+    pasted = command.replace(shlex.quote(str(first)), shlex.quote(str(again)))
+    proc = subprocess.run(
+        ["bash", "-c", pasted], capture_output=True, text=True, env=script_env(tmp_path / "cache"),
+        cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def runs(out):
+        found = find_runs(out)
+        for run in found:  # the overrides reached every run as given
+            cfg = OmegaConf.load(run.path / "config.yaml")
+            assert list(cfg.evaluator.particles) == [2, 4] and cfg.task.prompt == "the cat"
+        return sorted((run.method, run.seed) for run in found)
+
+    assert runs(first) == runs(again) == [("ctl", 0), ("dpg", 0)]
+    rows = csv_rows(first)
+    assert [(r["method"], r["n"]) for r in rows] == [
+        ("ctl", "1"), ("rl", "0"), ("sixo", "0"), ("fudge", "0"), ("dpg", "1"), ("ppo", "0")
+    ]  # fmt: skip
+    assert csv_rows(again) == rows
+    (_, _, command_again), *_ = RECORDED.findall((again / "report.md").read_text())
+    assert command_again == pasted
 
 
 def test_every_result_has_a_script():

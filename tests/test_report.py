@@ -7,7 +7,11 @@ import io
 import json
 import logging
 import math
+import os
+import shlex
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,6 +152,41 @@ def test_table_median_log_z(sweep, tmp_path):
     # default out_dir is the root
     make_table(sweep)
     assert (sweep / "table.md").exists() and (sweep / "table.csv").exists()
+
+
+def test_table_md_ends_with_the_command_that_made_it(sweep, tmp_path, monkeypatch, capsys):
+    """smclm table's last line of table.md: its arguments as given, shell-quoted, after
+    `cd <dir> &&` (from table.md's directory) when a path among them is relative; pasted into a
+    shell there, it writes the same table."""
+    from smclm.cli import main as smclm_main
+
+    monkeypatch.chdir(tmp_path)
+    rel = sweep.relative_to(tmp_path).as_posix()
+    args = ["table", rel, "--out", "out [1], it's", "--paper", "none"]
+    smclm_main(args)
+    out = tmp_path / "out [1], it's"
+    md = (out / "table.md").read_text()
+    command = f"smclm table {rel} --out 'out [1], it'\"'\"'s' --paper none"
+    assert md.endswith(f"| 2 |\n\nMade by `cd .. && {command}` (from this directory).\n")
+    assert shlex.split(command) == ["smclm", *args]
+    (out / "table.md").unlink()
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    proc = subprocess.run(
+        ["bash", "-c", f"cd .. && {command}"], cwd=out, env={**os.environ, "PATH": path},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "table.md").read_text() == md
+    smclm_main(["table", str(sweep), "--paper", "none"])  # absolute: no working directory
+    made_by = f"\n\nMade by `smclm table {shlex.quote(str(sweep))} --paper none`.\n"
+    assert (sweep / "table.md").read_text().endswith(made_by)
+    monkeypatch.chdir(sweep)
+    smclm_main(["table", "."])
+    made_by = "\n\nMade by `smclm table .` (in this directory).\n"
+    assert (sweep / "table.md").read_text().endswith(made_by)
+    capsys.readouterr()
+    markdown, _ = make_table(sweep)  # called as a function: no command line to record
+    assert "Made by" not in markdown
 
 
 def test_table_exact_log_z_exact_columns_eval_merge_and_single_seed(tmp_path):

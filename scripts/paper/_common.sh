@@ -14,6 +14,8 @@
 #                               Default: Hydra's basic launcher (one job after another, here).
 #   --out DIR                   the results directory (default results/<script>/<profile>_<date>);
 #                               running again with the same --out resumes unfinished runs.
+# $OUT/report.md records the command line as given (shell-quoted, pasteable), the working
+# directory, and `smclm --version`.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -29,6 +31,7 @@ usage() {
   awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"  # the header
 }
 
+ARGV=("$@")  # the arguments as given, for report.md's command (before any is parsed or dropped)
 PROFILE=paper
 LAUNCHER=basic
 OUT=""
@@ -75,7 +78,11 @@ KEEP=()
 for arg in "${REDUCE[@]}"; do overridden "$arg" || KEEP+=("$arg"); done
 REDUCE=("${KEEP[@]}")
 
-OUT="${OUT:-results/$NAME/${PROFILE}_$(date +%Y-%m-%d_%H-%M-%S)}"
+if [[ -z "$OUT" ]]; then  # the default, shown in report.md's command as if given
+  OUT="results/$NAME/${PROFILE}_$(date +%Y-%m-%d_%H-%M-%S)"
+  ARGV+=(--out "$OUT")
+  OUT_ADDED=1
+fi
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 
@@ -104,10 +111,37 @@ matching() {  # matching REGEX: the profile's and the extra overrides that match
   return 0
 }
 
+shell_quote() {  # the arguments as one command line the shell reads back (as Python's shlex.join)
+  local a q=()
+  for a in "$@"; do
+    if [[ -n "$a" && "$a" != *[!A-Za-z0-9_@%+=:,./-]* ]]; then q+=("$a"); else q+=("'${a//\'/\'\\\'\'}'"); fi
+  done
+  echo "${q[*]}"
+}
+
+# report.md's command: this script and its arguments exactly as given, and the working directory
+# (relative --out or model paths need it). The script's path as given when relative (./ added to a
+# bare name, which the shell would look up in PATH); an absolute one becomes relative to a working
+# directory in the repository. Only a working directory outside the repository is written whole.
 START=$(date +%s)
-COMMAND="scripts/paper/$NAME.sh --profile $PROFILE"
-[[ "$LAUNCHER" == basic ]] || COMMAND+=" --launcher $LAUNCHER"
-COMMAND+="${EXTRA[*]:+ ${EXTRA[*]}}"
+HERE="$(pwd -P)"
+ROOT_P="$(cd "$ROOT" && pwd -P)"
+SCRIPT="$0"
+[[ "$SCRIPT" == */* ]] || SCRIPT="./$SCRIPT"
+if [[ "$HERE" == "$ROOT_P" ]]; then
+  WHERE="the repository root"
+  [[ "$SCRIPT" != /* ]] || SCRIPT="scripts/paper/$NAME.sh"
+elif [[ "$HERE" == "$ROOT_P"/* ]]; then
+  WHERE="\`${HERE#"$ROOT_P"/}\` in the repository"
+  if [[ "$SCRIPT" == /* ]]; then
+    SCRIPT="scripts/paper/$NAME.sh"
+    rel="${HERE#"$ROOT_P"/}"
+    while [[ -n "$rel" ]]; do SCRIPT="../$SCRIPT"; [[ "$rel" == */* ]] && rel="${rel#*/}" || rel=""; done
+  fi
+else
+  WHERE="\`$HERE\` (outside the repository)"
+fi
+COMMAND="$(shell_quote "$SCRIPT" "${ARGV[@]}")"
 
 sweep() {  # sweep NAME method=a,b [overrides...]: one Hydra multirun into $OUT/runs/NAME
   local dir="$OUT/runs/$1"; shift
@@ -119,15 +153,21 @@ sweep() {  # sweep NAME method=a,b [overrides...]: one Hydra multirun into $OUT/
 }
 
 report() {  # the reproduction report (table.md, table.csv), plots and report.md in $OUT
-  "$SMCLM" table "$OUT" --paper "$RESULT"
+  (cd "$OUT" && "$SMCLM" table . --paper "$RESULT")  # table.md records `smclm table . ...`
   "$SMCLM" plot "$OUT"
-  local took=$(($(date +%s) - START))
+  local took=$(($(date +%s) - START)) version
+  version="$("$SMCLM" --version 2>/dev/null)" || version="unknown"
   {
     cat "$OUT/table.md"
     echo
     echo "## How these numbers were made"
     echo
-    echo "- command: \`$COMMAND\`"
+    echo "Command (the arguments as given${OUT_ADDED:+, and the --out directory it chose}), run from $WHERE:"
+    echo
+    echo '```'
+    echo "$COMMAND"
+    echo '```'
+    echo
     echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); wall time: $((took / 60)) min $((took % 60)) s"
     local cpu gpu=""
     cpu="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -1)"
@@ -135,6 +175,12 @@ report() {  # the reproduction report (table.md, table.csv), plots and report.md
     echo "- machine: $(uname -sm), $(nproc) CPU cores${cpu:+ ($cpu)}$gpu"
     echo "- commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "- runs: $(find "$OUT/runs" -name summary.json -not -path '*/eval/*' | wc -l) run directories under runs/"
+    echo
+    echo "## Environment"
+    echo
+    echo '```'
+    echo "$version"
+    echo '```'
   } >"$OUT/report.md"
   echo "results in $OUT: report.md table.md table.csv $(cd "$OUT" && ls -1 ./*.png 2>/dev/null | sed 's|^\./||' | paste -sd ' ' -)"
 }

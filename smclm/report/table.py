@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import shlex
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,11 +403,14 @@ def make_table(
     out_dir: str | os.PathLike | None = None,
     at: Budget | str | None = None,
     paper: str | None = None,
+    made_by: str | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """Write table.md and table.csv into out_dir (default: root); return (markdown, rows).
 
     ``at``: compare at a compute budget (see :func:`metrics_at`). ``paper``: the paper result to
-    report against (``None``: detected from the runs; ``"none"``: a plain table).
+    report against (``None``: detected from the runs; ``"none"``: a plain table). ``made_by``: a
+    final line of table.md, the command that made it (``smclm table`` writes its own, see
+    :func:`made_by_line`).
     """
     from smclm.report import paper as paper_mod
 
@@ -449,11 +453,32 @@ def make_table(
     skipped = len(runs) - len(finals)
     if skipped:
         markdown += f"\n{skipped} run(s) left out: no evaluation within {budget}.\n"
+    if made_by:
+        markdown = markdown.rstrip("\n") + f"\n\n{made_by}\n"
     out = Path(out_dir) if out_dir is not None else Path(root)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "table.md", markdown)
     _write_atomic(out / "table.csv", csv_text)
     return markdown, rows
+
+
+def _code(text: str) -> str:  # inline Markdown code, also when the text has a backtick
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def made_by_line(argv: list[str], paths: list[str | None], out_dir: str | os.PathLike) -> str:
+    """table.md's last line: ``smclm table`` with its arguments as given, shell-quoted (it runs
+    again when pasted), preceded by ``cd <dir> &&`` (the working directory, relative to table.md's
+    own directory out_dir) when one of ``paths`` (the arguments that are paths) is relative."""
+    command = shlex.join(["smclm", "table", *argv])
+    if any(p and not os.path.isabs(p) for p in paths):
+        where = os.path.relpath(Path.cwd().resolve(), Path(out_dir).resolve())
+        if where != ".":
+            return (
+                f"Made by {_code(f'cd {shlex.quote(where)} && {command}')} (from this directory)."
+            )
+        return f"Made by {_code(command)} (in this directory)."
+    return f"Made by {_code(command)}."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -504,7 +529,8 @@ def table_command(argv: list[str]) -> None:
     root = Path(args.dir)
     if not root.is_dir():
         raise UserError(f"{root}: no such directory; give a run or sweep directory")
-    markdown, _ = make_table(root, args.out, args.at, args.paper)
     out = Path(args.out) if args.out else root
+    made_by = made_by_line(argv, [args.dir, args.out], out)
+    markdown, _ = make_table(root, args.out, args.at, args.paper, made_by=made_by)
     print(markdown)
     print(f"wrote {out / 'table.md'} and {out / 'table.csv'}")
