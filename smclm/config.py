@@ -168,6 +168,7 @@ def validate(cfg: DictConfig) -> None:
 RANGES: tuple[tuple[str, str, str], ...] = (
     ("seed", "int", "0"),
     ("resume", "bool", "true"),
+    ("verbose", "bool", "true"),
     ("n", "int>0", "16"),
     ("train.updates", "int>=0", "64"),
     ("train.eval_every", "int>0", "16"),

@@ -158,14 +158,19 @@ def version_text(env: dict[str, Any] | None = None) -> str:
 
 def version_markdown(env: dict[str, Any] | None = None) -> str:
     """The same as a Markdown list, for report.md."""
-    return "\n".join(f"- {line.split(None, 1)[0]}: {line.split(None, 1)[1]}" for line in version_text(env).splitlines())
+    return "\n".join(
+        f"- {line.split(None, 1)[0]}: {line.split(None, 1)[1]}"
+        for line in version_text(env).splitlines()
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m smclm.envinfo")
-    ap.add_argument("--record-lock", metavar="FILE", help="note the lock this venv was installed from")
+    ap.add_argument(
+        "--record-lock", metavar="FILE", help="note the lock this venv was installed from"
+    )
     ap.add_argument("--markdown", action="store_true", help="print the environment as Markdown")
     a = ap.parse_args(argv)
     if a.record_lock:

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from smclm.build import World, exact_pool, split_pool, world_for
+from smclm.envinfo import write_env
 from smclm.evaluators.exact import ExactSolution, check_enumerable, exact_metrics, solve
 from smclm.tracking import write_json_atomic
 
@@ -153,4 +154,5 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float | 
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "summary.json", summary)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(eval_cfg, resolve=True))
+        write_env(out_dir, world.device)
     return summary

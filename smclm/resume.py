@@ -27,6 +27,7 @@ from smclm.tracking import read_metrics, write_json_atomic
 # other difference from the run's config.yaml is refused.
 RESUME_FREE_KEYS = (
     "resume",
+    "verbose",
     "train.updates",
     "train.progress",
     "train.checkpoint_keep",

@@ -31,6 +31,7 @@ from smclm.build import build_world, exact_pool
 from smclm.checkpoint import load_params, save_checkpoint, set_aside
 from smclm.compute import ComputeMeter
 from smclm.config import validate
+from smclm.envinfo import write_env
 from smclm.errors import UserError
 from smclm.evaluate import Evaluator
 from smclm.methods.base import TrainContext
@@ -148,6 +149,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     for bad in start.unreadable if start is not None else []:
         print(f"smclm: {bad} kept as {set_aside(bad)}", file=sys.stderr)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_env(run_dir, world.device)
     tracker = Tracker(run_dir, cfg.logger, cfg, resume_step=None if start is None else step)
     last_eval: dict[str, Any] = {}
     last_train = _update_record(run_dir, step) if start is not None else {}

@@ -190,7 +190,7 @@ def test_a_non_editable_install_finds_its_configs(tmp_path):
 
     src = tmp_path / "src"  # build from a copy: setuptools writes build/ next to the sources
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, src / name)
     for name in ("smclm", "configs"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -201,6 +201,7 @@ def test_a_non_editable_install_finds_its_configs(tmp_path):
             "-m",
             "pip",
             "wheel",
+            "-v",  # the build backend's messages too
             "--no-deps",
             "--no-build-isolation",
             "-w",
@@ -212,6 +213,7 @@ def test_a_non_editable_install_finds_its_configs(tmp_path):
         timeout=600,
     )
     assert build.returncode == 0, build.stderr
+    assert "would be ignored" not in build.stdout + build.stderr  # every config folder is listed
     (wheel,) = wheels.glob("smclm-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
