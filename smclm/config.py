@@ -181,6 +181,7 @@ RANGES: tuple[tuple[str, str, str], ...] = (
     ("task.output_len", "int>0", "4"),
     ("task.cond_len", "int>=0", "2"),
     ("task.min_count", "int>=0", "1"),
+    ("task.min_len", "int>0", "1"),  # lengths count the stop token
     ("task.epsilon", ">=0", "1e-16"),
     ("task.beta", "finite", "1.0"),
     ("task.threshold", "finite", "-5.0"),
@@ -257,6 +258,24 @@ def check_ranges(cfg: DictConfig) -> None:
         or OmegaConf.is_list(targets)
         and all(_in_range(i, "int>=0") for i in targets),
         f"task.target_ids={targets} must be a list of token ids (e.g. task.target_ids=[9])",
+    )
+    stop = OmegaConf.select(cfg, "task.stop", default=None)
+    entries = stop if OmegaConf.is_list(stop) else [stop]
+    _require(
+        stop is None
+        or all((isinstance(e, str) and e != "") or _in_range(e, "int>=0") for e in entries),
+        f"task.stop={stop} must be null, a token id, a one-token string or a list of them "
+        "(e.g. task.stop=[end] or task.stop=[11])",
+    )
+    min_len, t_len = (
+        OmegaConf.select(cfg, f"task.{k}", default=None) for k in ("min_len", "output_len")
+    )
+    _require(
+        stop is None
+        or not _in_range(min_len, "int>0")
+        or not _in_range(t_len, "int>0")
+        or min_len <= t_len,
+        f"task.min_len={min_len} must be at most task.output_len={t_len} (the length cap)",
     )
 
 

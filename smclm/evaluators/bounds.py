@@ -39,6 +39,11 @@ upper_smc}):
 ``kl/sigma_q``                              bounds/g_q − log_z/estimate  (estimate of KL(σ‖q))
 =========================================  =========================================================
 
+Stopping tasks (README "Stopping"): the exact samples are finished sequences padded to T, the
+SIS/SMC/cSMC runs stop as the task says (finished particles keep their weights, log Ẑ averages
+over all particles), and log σ̃ − log q of an exact sample is log p₀(z_1:ℓ) + log φ(z) − log q(z_1:ℓ)
+with the masked proposal q (``smclm.smc.sampler.stopped_sequence_log_probs``).
+
 Conditioning (conditional tasks): ``cond`` is None, one row o [c] (or [1, c]) shared by every
 exact sample, or one row per exact sample [M, c] (o^i goes with σ^i and is broadcast to all K
 particles of the runs for σ^i).
@@ -55,7 +60,7 @@ from tqdm.auto import tqdm
 
 from smclm.errors import ConfigError
 from smclm.models.twisted_lm import TwistedLM
-from smclm.smc.sampler import SMCResult, log_mean_exp, run_smc
+from smclm.smc.sampler import SMCResult, log_mean_exp, run_smc, stopped_sequence_log_probs
 from smclm.tasks.base import Task
 
 PREFIXES = {"twist": "bounds", "p0": "bounds_p0"}
@@ -101,16 +106,23 @@ def exact_sample_log_weights(
     proposal: str = "twist",
     batch_size: int = 1024,
 ) -> Tensor:
-    """log σ̃(s) − log q(s) = log p₀(s) + log φ(s) − log q(s) for sequences samples [M, T].
+    """log σ̃(s) − log q(s) = log p₀(s) + log φ(s) − log q(s) for sequences samples [M, T]
+    (a stopping task: up to each sample's stop, with its masked proposal).
 
     cond: None or one row per sample [M, c]. Returns float64 [M] on the CPU.
     """
     out = []
     dev = model.device
+    stopping = task.stopping
     for i in range(0, samples.shape[0], batch_size):
         chunk = samples[i : i + batch_size].to(dev)
         c = None if cond is None else cond[i : i + batch_size].to(dev)
-        lp = model.sequence_log_probs(task.prompt_ids, chunk, c, proposal=proposal)
+        if stopping is None:
+            lp = model.sequence_log_probs(task.prompt_ids, chunk, c, proposal=proposal)
+        else:
+            lp = stopped_sequence_log_probs(
+                model, task.prompt_ids, chunk, stopping, c, proposal=proposal
+            )
         log_phi = task.log_phi(chunk, c).double()
         log_w = lp["log_p0"].double().sum(1) + log_phi - lp["log_q"].double().sum(1)
         out.append(log_w.cpu())

@@ -7,6 +7,14 @@ computes log p₀(s), log φ(s), log Z = log Σ p₀φ, the optimal twists
 
 and, for any twisted LM, log q(s) of its proposal and the exact KL(q‖σ), KL(σ‖q). This is the
 oracle the estimators and learners are tested against.
+
+Stopping tasks (README "Stopping"): the outputs are the finished sequences z_1:ℓ, z_ℓ ∈ ⊤, no
+earlier stop, m ≤ ℓ ≤ T, each stored padded to T with the pad id (so they are the points of the
+Vᵀ grid whose first stop is at ℓ ∈ [m, T] and that hold the pad id after it, in the same
+lexicographic order). log p₀(z) = log p₀(z_1:ℓ) (the stop's probability included, unmasked),
+log q(z) is the masked proposal's (``Stopping.mask``), Z = Σ_z p₀(z)·φ(z), and the optimal twists
+are ψ*_t(z_1:t) = Σ_{finished z' ⊇ z_1:t} p₀(z')φ(z') / p₀(z_1:t): on a stop token that is φ
+itself (0 before m), on any other token at t = T it is 0.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from torch import Tensor
 from smclm.errors import UserError
 from smclm.models.twist import TabularTwist
 from smclm.models.twisted_lm import TwistedLM
+from smclm.smc.sampler import Stopping
 from smclm.tasks.base import Task
 
 MAX_SEQUENCES = 1_000_000
@@ -69,6 +78,76 @@ def sequence_log_q(
     return torch.cat(lp), torch.cat(lq)
 
 
+def finished_sequences(vocab_size: int, output_len: int, stopping: Stopping) -> Tensor:
+    """Every finished sequence of a stopping task, padded to T: [M, T] in lexicographic order
+    (the Vᵀ grid points whose first stop is at ℓ ∈ [m, T] with the pad id after it)."""
+    grid = all_sequences(vocab_size, output_len)
+    stops = stopping.is_stop(grid)
+    lengths = stopping.lengths(grid)
+    after = torch.arange(1, output_len + 1)[None] > lengths[:, None]
+    keep = (
+        stops.any(1) & (lengths >= stopping.min_len) & (~after | (grid == stopping.pad_id)).all(1)
+    )
+    return grid[keep]
+
+
+def _grid_index(seqs: Tensor, vocab_size: int) -> Tensor:
+    """The lexicographic index Σ_t s_t V^(T−t) of each row of seqs [M, T]."""
+    t_len = seqs.shape[1]
+    powers = vocab_size ** torch.arange(t_len - 1, -1, -1, dtype=torch.long)
+    return (seqs.long().cpu() * powers).sum(1)
+
+
+@torch.no_grad()
+def prefix_log_probs(
+    model: TwistedLM,
+    prompt_ids: Tensor,
+    output_len: int,
+    stopping: Stopping,
+    cond: Tensor | None = None,
+    proposal: str = "twist",
+) -> tuple[list[Tensor], list[Tensor]]:
+    """log p₀(s_1:t) and log q(s_1:t) of every prefix, per level t = 1..T (float64 [V^t] each,
+    lexicographic), with the stopping task's masked proposal q (log p₀ unmasked). Grown as the
+    prefix tree of :func:`enumerate_log_probs` (prefixes that already hold a stop are expanded
+    too: the levels stay plain Vᵗ grids)."""
+    v = model.vocab_size
+    ctx, dists = model.start(prompt_ids, 1, cond)
+    log_p0 = torch.zeros(1, dtype=torch.float64, device=model.device)
+    log_q = log_p0.clone()
+    levels_p0, levels_q = [], []
+    for t in range(1, output_len + 1):
+        rows = log_p0.shape[0]
+        if dists.log_q is not None and proposal == "twist":
+            logits = dists.log_q
+        elif dists.log_psi is not None and proposal == "twist":
+            logits = dists.log_p0 + dists.log_psi
+        else:
+            logits = dists.log_p0
+        step_q = torch.log_softmax(stopping.mask(logits, t, output_len), dim=-1)
+        log_p0 = (log_p0[:, None] + dists.log_p0.double()).reshape(-1)
+        log_q = (log_q[:, None] + step_q.double()).reshape(-1)
+        levels_p0.append(log_p0.cpu())
+        levels_q.append(log_q.cpu())
+        if t < output_len:
+            dev = log_p0.device
+            model.reorder(ctx, torch.arange(rows, device=dev).repeat_interleave(v))
+            dists = model.advance(ctx, torch.arange(v, device=dev).repeat(rows))
+    return levels_p0, levels_q
+
+
+def _at_lengths(levels: list[Tensor], seqs: Tensor, stopping: Stopping, v: int) -> Tensor:
+    """levels[ℓ−1] at each finished sequence's prefix z_1:ℓ: [M] float64."""
+    t_len = seqs.shape[1]
+    lengths = stopping.lengths(seqs.cpu())
+    grid = _grid_index(seqs, v)
+    out = torch.empty(seqs.shape[0], dtype=torch.float64)
+    for ell in torch.unique(lengths).tolist():
+        rows = lengths == ell
+        out[rows] = levels[ell - 1][grid[rows] // v ** (t_len - ell)]
+    return out
+
+
 @torch.no_grad()
 def enumerate_log_probs(
     model: TwistedLM,
@@ -76,12 +155,25 @@ def enumerate_log_probs(
     output_len: int,
     cond: Tensor | None = None,
     proposal: str = "twist",
+    stopping: Stopping | None = None,
 ) -> tuple[Tensor, Tensor]:
     """log p₀(s) and log q(s) (float64 [Vᵀ], lexicographic order) by growing the prefix tree.
 
     Level t holds all V^(t−1) prefixes in one batch with a KV cache: Σ_t V^t single-token
     forwards instead of Vᵀ·T teacher-forced positions. cond: [1, c] conditioning tokens or None.
+    stopping: a stopping task's rule; then the values are over its finished sequences
+    (:func:`finished_sequences`, [M]) instead of the Vᵀ grid.
     """
+    if stopping is not None:
+        levels_p0, levels_q = prefix_log_probs(
+            model, prompt_ids, output_len, stopping, cond, proposal
+        )
+        seqs = finished_sequences(model.vocab_size, output_len, stopping)
+        v = model.vocab_size
+        return (
+            _at_lengths(levels_p0, seqs, stopping, v),
+            _at_lengths(levels_q, seqs, stopping, v),
+        )
     v = model.vocab_size
     ctx, dists = model.start(prompt_ids, 1, cond)
     log_p0 = torch.zeros(1, dtype=torch.float64, device=model.device)
@@ -112,6 +204,15 @@ class ExactSolution:
     log_p0: Tensor  # [M]
     log_phi: Tensor  # [M]
     log_z: float
+    stopping: Stopping | None = None  # a stopping task's rule: sequences are its finished ones
+    prefix_log_p0: list[Tensor] | None = None  # stopping: log p₀ of every prefix, per level
+
+    @property
+    def lengths(self) -> Tensor:
+        """ℓ of each sequence [M] (T for a fixed-length task)."""
+        if self.stopping is None:
+            return torch.full((self.sequences.shape[0],), self.output_len, dtype=torch.long)
+        return self.stopping.lengths(self.sequences)
 
     @property
     def log_sigma(self) -> Tensor:
@@ -121,6 +222,8 @@ class ExactSolution:
     def psi_star_tables(self) -> list[Tensor]:
         """log ψ*_t as tables [V^(t−1), V] for t = 1..T (ψ*_T = φ)."""
         v, t_len = self.vocab_size, self.output_len
+        if self.stopping is not None:
+            return self._stopping_psi_star_tables()
         log_joint = (self.log_p0 + self.log_phi).view(*[v] * t_len)
         tables = []
         for t in range(1, t_len + 1):
@@ -129,6 +232,31 @@ class ExactSolution:
                 marg = torch.logsumexp(log_joint.reshape(v**t, -1), dim=1)
             log_p0_prefix = self._prefix_log_p0(t)
             table = (marg.reshape(-1) - log_p0_prefix).nan_to_num(nan=-math.inf)
+            tables.append(table.view(v ** (t - 1), v).float())
+        return tables
+
+    def _stopping_psi_star_tables(self) -> list[Tensor]:
+        """log ψ*_t(z_1:t) = log Σ_{finished z ⊇ z_1:t} p₀(z)φ(z) − log p₀(z_1:t), as tables
+        [V^(t−1), V]; −inf where no finished sequence extends the prefix (a stop before m, a
+        non-stop token at T, and the unreachable prefixes that already hold a stop)."""
+        assert self.prefix_log_p0 is not None
+        v, t_len = self.vocab_size, self.output_len
+        log_joint = self.log_p0 + self.log_phi
+        lengths = self.lengths
+        grid = _grid_index(self.sequences, v)
+        tables = []
+        for t in range(1, t_len + 1):
+            rows = lengths >= t
+            idx = grid[rows] // v ** (t_len - t)
+            x = log_joint[rows]
+            top = torch.full((v**t,), -math.inf, dtype=torch.float64)
+            top = top.scatter_reduce(0, idx, x, "amax")
+            shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            mass = torch.zeros(v**t, dtype=torch.float64).index_add_(
+                0, idx, torch.exp(x - shift[idx])
+            )
+            marg = torch.log(mass) + shift
+            table = (marg - self.prefix_log_p0[t - 1]).nan_to_num(nan=-math.inf)
             tables.append(table.view(v ** (t - 1), v).float())
         return tables
 
@@ -155,8 +283,17 @@ def solve(
     """Enumerate the task's output space under the base model p₀."""
     v, t_len = model.vocab_size, task.output_len
     check_enumerable(v, t_len, limit)
-    seqs = all_sequences(v, t_len)
-    log_p0, _ = enumerate_log_probs(model.with_twist(None), task.prompt_ids, t_len, cond)
+    stopping = task.stopping
+    levels = None
+    if stopping is None:
+        seqs = all_sequences(v, t_len)
+        log_p0, _ = enumerate_log_probs(model.with_twist(None), task.prompt_ids, t_len, cond)
+    else:
+        seqs = finished_sequences(v, t_len, stopping)
+        levels, _ = prefix_log_probs(
+            model.with_twist(None), task.prompt_ids, t_len, stopping, cond, proposal="p0"
+        )
+        log_p0 = _at_lengths(levels, seqs, stopping, v)
     log_phi = torch.cat(
         [
             task.log_phi(seqs[i : i + 65536].to(model.device), cond).double().cpu()
@@ -173,7 +310,7 @@ def solve(
             float(log_phi[0]),
             "" if cond is None else " given this o",
         )
-    return ExactSolution(v, t_len, seqs, log_p0, log_phi, log_z)
+    return ExactSolution(v, t_len, seqs, log_p0, log_phi, log_z, stopping, levels)
 
 
 def exact_metrics(
@@ -184,9 +321,17 @@ def exact_metrics(
 ) -> dict[str, float]:
     """Flat metrics: log_z/exact and kl/{q_sigma,sigma_q}_exact of the twisted proposal (and p₀)."""
     sol = solution or solve(model, task, cond)
-    _, log_q = enumerate_log_probs(model, task.prompt_ids, task.output_len, cond)
+    _, log_q = enumerate_log_probs(
+        model, task.prompt_ids, task.output_len, cond, stopping=task.stopping
+    )
     kl = sol.kl(log_q)
-    kl_p0 = sol.kl(sol.log_p0)
+    if task.stopping is None:
+        kl_p0 = sol.kl(sol.log_p0)
+    else:  # p₀ as a proposal of finished sequences is masked too (it sums to 1 over them)
+        _, log_q_p0 = enumerate_log_probs(
+            model, task.prompt_ids, task.output_len, cond, "p0", task.stopping
+        )
+        kl_p0 = sol.kl(log_q_p0)
     return {
         "log_z/exact": sol.log_z,
         "kl/q_sigma_exact": kl["q_sigma"],

@@ -25,6 +25,30 @@ separate twist, policy) is reordered once per step for all runs together. A sing
 case G = 1 (one code path): with the same generator it draws exactly what it drew before runs
 were batched.
 
+Stopping (variable-length outputs, README "Stopping"; ``stopping`` = a :class:`Stopping`, taken
+from the potential when it is a task's bound potential): a task declares stop tokens ⊤, a
+minimum length m and the cap T (lengths count the stop). The target is defined on finished
+sequences z = z_1:ℓ (z_ℓ ∈ ⊤, no earlier stop, m ≤ ℓ ≤ T) only:
+
+    σ̃(z) = p₀(z_1:ℓ | prompt)·φ(z),    Z = Σ_{ℓ=m..T} Σ_{z_<ℓ ∉ ⊤} p₀(z_<ℓ)·p₀(z_ℓ ∈ ⊤ | z_<ℓ)·φ(z),
+
+with p₀ the base model's own, unmasked next-token probabilities (the stop's included, also at
+ℓ = T). The proposal masks, the target does not: before step m the proposal puts no mass on ⊤,
+at step T it puts mass only on ⊤ (q ∝ p₀·ψ renormalised over the allowed tokens; the forced stop
+at the cap is drawn among ⊤ by p₀·ψ), and the incremental weight p₀(s_t)·γ_t/(q(s_t)·γ_{t−1})
+is the ordinary importance weight of that masked proposal. At the cap it is
+Σ_{v∈⊤} p₀(v)ψ(v) · φ/(ψ(s_T)·ψ_{T−1}) (with one stop token and q ∝ p₀: p₀(⊤ | z_<T)·φ/ψ_{T−1}),
+i.e. the target's probability of stopping there (genlm-control's correction since its PR
+#145); without it, capped sequences would be over-weighted. A particle whose token is in ⊤ is
+finished: log φ is evaluated once, on its own z_1:ℓ; it is then padded with ``pad_id`` (the
+first stop id), its log-weight never changes again (incremental weight 1: the absorbing state
+of the Feynman–Kac model, whose intermediate targets are p₀·ψ_t on unfinished prefixes and
+p₀·φ on finished sequences), and it stays in the population: it counts in the ESS, log Ẑ and
+the resampling, where it can be duplicated or dropped like any particle. A run ends at the step
+where every particle (of every batched run) has finished: no forward pass after that. The
+result is padded to T columns and records each particle's ``lengths``. Without ⊤
+(``stopping=None``) every step is the fixed-length one above, operation for operation.
+
 Per-step cost: one host sync for the weight statistics of all runs, which also tell the
 resampler that the weights are valid (it then skips its own checks: the same draws), and the
 cache rows copied after a resample are only those whose ancestor changed
@@ -67,6 +91,71 @@ class ParticleCollapseError(RuntimeError):
         self.step = step
 
 
+@dataclass(frozen=True)
+class Stopping:
+    """Variable-length outputs (module docstring): the stop token ids ⊤ (non-empty) and the
+    minimum length m ≥ 1 (lengths count the stop; m = 1 allows an output that is the stop
+    alone). The cap T is the task's output length. Finished sequences are padded with
+    ``pad_id``, the first stop id."""
+
+    stop_ids: tuple[int, ...]
+    min_len: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.stop_ids:
+            raise ValueError("Stopping needs at least one stop token id")
+        if self.min_len < 1:
+            raise ValueError(f"min_len must be at least 1 (the stop counts), got {self.min_len}")
+
+    @property
+    def pad_id(self) -> int:
+        return self.stop_ids[0]
+
+    def check_cap(self, output_len: int) -> None:
+        if self.min_len > output_len:
+            raise ValueError(
+                f"min_len={self.min_len} is above the length cap output_len={output_len}: no "
+                "output could finish; lower min_len or raise output_len"
+            )
+
+    def _ids(self, device: torch.device) -> Tensor:
+        return torch.tensor(self.stop_ids, dtype=torch.long, device=device)
+
+    def allowed(self, t: int, output_len: int, vocab_size: int, device: torch.device) -> Tensor:
+        """Which tokens the proposal may draw at step t (1-based) [V] bool: no stop before m,
+        only stops at the cap T, everything in between."""
+        ids = self._ids(device)
+        if t >= output_len:
+            return torch.zeros(vocab_size, dtype=torch.bool, device=device).index_fill(0, ids, True)
+        mask = torch.ones(vocab_size, dtype=torch.bool, device=device)
+        return mask.index_fill(0, ids, False) if t < self.min_len else mask
+
+    def mask(self, logits: Tensor, t: int, output_len: int) -> Tensor:
+        """logits [..., V] with the tokens not allowed at step t set to −inf (the same tensor
+        when every token is allowed)."""
+        if self.min_len <= t < output_len:
+            return logits
+        allowed = self.allowed(t, output_len, logits.shape[-1], logits.device)
+        return logits.masked_fill(~allowed, -math.inf)
+
+    def is_stop(self, tokens: Tensor) -> Tensor:
+        return torch.isin(tokens, self._ids(tokens.device))
+
+    def lengths(self, tokens: Tensor) -> Tensor:
+        """ℓ of each row of tokens [N, L]: the position of its first stop (1-based), or L for a
+        row without one. [N] long."""
+        hit = self.is_stop(tokens)
+        first = hit.long().argmax(1) + 1
+        return torch.where(hit.any(1), first, torch.full_like(first, tokens.shape[1]))
+
+    def pad(self, tokens: Tensor, width: int) -> Tensor:
+        """tokens [N, L] padded with pad_id to [N, width]."""
+        if tokens.shape[1] >= width:
+            return tokens
+        fill = tokens.new_full((tokens.shape[0], width - tokens.shape[1]), self.pad_id)
+        return torch.cat([tokens, fill], dim=1)
+
+
 @dataclass
 class StepInfo:
     """What one SMC step did. The scalar fields summarise the G runs (G = 1: the run's own
@@ -81,12 +170,15 @@ class StepInfo:
     resampled_runs: tuple[bool, ...] = ()
     n_unique_runs: tuple[int, ...] = ()
     log_z_increment_runs: tuple[float, ...] = ()
+    n_finished: int = 0  # particles finished after this step (stopping), summed over the runs
 
 
 @dataclass
 class SMCState:
     """Particles after t steps of G runs of K particles. Shapes: tokens [G·K, t]; log_w,
-    log_gamma, log_p0, log_q [G·K]; log_z_hat [G] (float32); next_dists as StepDists."""
+    log_gamma, log_p0, log_q [G·K]; log_z_hat [G] (float32); next_dists as StepDists.
+    With stopping, ``finished`` [G·K] bool marks the particles that have emitted a stop (their
+    log γ is then log p₀ + log φ of their own z_1:ℓ), and ``done`` is True once all have."""
 
     t: int
     tokens: Tensor
@@ -100,13 +192,17 @@ class SMCState:
     infos: list[StepInfo] = field(default_factory=list)
     n_runs: int = 1
     fresh: tuple[bool, ...] = (True,)  # per run: every log w is 0 (after init or a resample)
+    stopping: Stopping | None = None
+    finished: Tensor | None = None  # [G·K] bool (stopping only)
+    done: bool = False  # stopping: every particle has finished
 
 
 @dataclass
 class SMCResult:
     """A finished set of G runs of K particles (G = 1: one run). tokens [G·K, T]; log_w,
     log_phi, log_p0, log_q [G·K] (run g in rows [g·K, (g+1)·K)); log_z_hats [G] float64;
-    log_z_hat is their mean (G = 1: the run's log Ẑ)."""
+    log_z_hat is their mean (G = 1: the run's log Ẑ). lengths [G·K] long: each particle's ℓ
+    (with stopping: the stop's position, later columns hold the pad id; else T)."""
 
     tokens: Tensor
     log_w: Tensor
@@ -117,6 +213,7 @@ class SMCResult:
     infos: list[StepInfo]
     log_z_hats: Tensor | None = None
     n_runs: int = 1
+    lengths: Tensor | None = None
 
     @property
     def n_particles(self) -> int:
@@ -165,9 +262,10 @@ def init(
     n_particles: int,
     cond: Tensor | None = None,
     n_runs: int = 1,
+    stopping: Stopping | None = None,
 ) -> SMCState:
     """Start n_runs runs of n_particles empty continuations of the prompt [P] (G·K rows; cond:
-    None or one row per particle [G·K, c])."""
+    None or one row per particle [G·K, c]; stopping: variable-length outputs, or None)."""
     rows = n_runs * n_particles
     ctx, dists = model.start(prompt_ids, rows, cond)
     dev = dists.log_p0.device
@@ -186,6 +284,8 @@ def init(
         dists,
         n_runs=n_runs,
         fresh=(True,) * n_runs,
+        stopping=stopping,
+        finished=None if stopping is None else torch.zeros(rows, dtype=torch.bool, device=dev),
     )
 
 
@@ -208,38 +308,53 @@ def step(
 
     temperature ≠ 1 draws from q^(1/τ) (renormalised) and weights by that tempered proposal, so
     the weights stay valid importance weights (GFlowNet exploration; never used for evaluation).
+
+    With ``state.stopping`` the proposal is masked for step t (no stop before m, only stops at
+    T), a finished particle gets the pad id with incremental weight 1, and log φ is evaluated
+    on the particles that stop at this step (see the module docstring).
     """
     t = state.t + 1
     g = state.n_runs
     n = state.log_w.shape[0]
     k = n // g
+    stop = state.stopping
     lp = state.next_dists.log_p0
     lpsi = state.next_dists.log_psi
     if state.next_dists.log_q is not None and proposal != "p0":
         log_q_all = state.next_dists.log_q  # a policy's own proposal
+        if stop is not None and not stop.min_len <= t < output_len:
+            log_q_all = F.log_softmax(stop.mask(log_q_all, t, output_len), dim=-1)
     else:
         logits = lp if (lpsi is None or proposal == "p0") else lp + lpsi
+        if stop is not None:
+            logits = stop.mask(logits, t, output_len)
         log_q_all = F.log_softmax(logits, dim=-1)
     if temperature != 1.0:
         log_q_all = F.log_softmax(log_q_all / temperature, dim=-1)
     s_t = sample_categorical(log_q_all, generator)
     if pinned is not None:
         s_t[::k] = pinned.view(g, -1)[:, t - 1]  # slot 0 of every run
-    idx = s_t[:, None]
-    log_q_t = log_q_all.gather(1, idx).squeeze(1)
-    log_p0 = state.log_p0 + lp.gather(1, idx).squeeze(1)
-    tokens = torch.cat([state.tokens, idx], dim=1)
-    if t < output_len:  # ψ_t (ψ ≡ 1 without a twist: log π̃_t = log p₀ exactly)
-        log_gamma = log_p0 + lpsi.gather(1, idx).squeeze(1) if lpsi is not None else log_p0
-    else:  # φ at T; a potential that can read the KV cache does (infilling: no re-run)
-        cached = getattr(log_phi, "from_cache", None)
-        phi = cached(model, state.ctx, tokens) if cached is not None else None
-        log_gamma = log_p0 + (log_phi(tokens) if phi is None else phi).float().to(log_p0.device)
-    log_alpha = log_gamma - state.log_gamma - log_q_t
+    finished = None
+    if stop is None:
+        idx = s_t[:, None]
+        log_q_t = log_q_all.gather(1, idx).squeeze(1)
+        log_p0 = state.log_p0 + lp.gather(1, idx).squeeze(1)
+        tokens = torch.cat([state.tokens, idx], dim=1)
+        if t < output_len:  # ψ_t (ψ ≡ 1 without a twist: log π̃_t = log p₀ exactly)
+            log_gamma = log_p0 + lpsi.gather(1, idx).squeeze(1) if lpsi is not None else log_p0
+        else:  # φ at T; a potential that can read the KV cache does (infilling: no re-run)
+            cached = getattr(log_phi, "from_cache", None)
+            phi = cached(model, state.ctx, tokens) if cached is not None else None
+            log_gamma = log_p0 + (log_phi(tokens) if phi is None else phi).float().to(log_p0.device)
+        log_alpha = log_gamma - state.log_gamma - log_q_t
+    else:
+        s_t, tokens, log_p0, log_gamma, log_q_t, log_alpha, finished = _stopping_update(
+            state, s_t, log_q_all, log_phi
+        )
     # After init or a resample a run's log w are 0, and 0 + log α = log α exactly.
     all_fresh = all(state.fresh)
     log_w = log_alpha if all_fresh else state.log_w + log_alpha
-    lse, inc, w_ess, positive = _weight_stats(log_w, state.log_w, state.fresh, g)
+    lse, inc, w_ess, positive, n_fin = _weight_stats(log_w, state.log_w, state.fresh, g, finished)
     if not all(math.isfinite(x) for x in lse):  # the rare path: find out which failure it is
         if torch.isnan(log_w).any():
             raise FloatingPointError(f"NaN log-weight at step {t}: check the potential and twist")
@@ -247,7 +362,12 @@ def step(
         if dead.any():
             raise ParticleCollapseError(t, k, int(dead.nonzero()[0]) if g > 1 else None)
     log_q = state.log_q + log_q_t
-    do = tuple(t < output_len and _should_resample(e, k, ess_threshold) for e in w_ess)
+    # A run whose particles have all finished has its final weights: it does not resample.
+    live = [f < k for f in n_fin] if finished is not None else [True] * g
+    done = finished is not None and not any(live)
+    do = tuple(
+        t < output_len and a and _should_resample(e, k, ess_threshold) for e, a in zip(w_ess, live)
+    )
     n_unique = [k] * g
     resampled = any(do)
     if resampled:
@@ -262,6 +382,8 @@ def step(
         tokens, log_gamma, log_p0, log_q = (
             x.index_select(0, anc) for x in (tokens, log_gamma, log_p0, log_q)
         )
+        if finished is not None:
+            finished = finished.index_select(0, anc)
         if all(do):
             log_w = torch.zeros_like(log_w)
         else:
@@ -282,11 +404,12 @@ def step(
         do,
         tuple(n_unique),
         tuple(inc),
+        sum(n_fin),
     )
     next_dists = (
         # tokens[:, -1] is s_t[anc] after a resample
         model.advance(state.ctx, s_t.index_select(0, anc) if resampled else s_t)
-        if t < output_len
+        if t < output_len and not done
         else state.next_dists
     )
     # float32 like log Ẑ (the same rounding as converting the float64 values afterwards)
@@ -304,7 +427,52 @@ def step(
         state.infos + [info],
         g,
         do,  # a run's log w are all 0 again exactly when it resampled
+        stop,
+        finished,
+        done,
     )
+
+
+def _stopping_update(
+    state: SMCState, s_t: Tensor, log_q_all: Tensor, log_phi: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One step's tokens and weights with stopping: (s_t, tokens, log p₀, log γ, log q_t,
+    log α, finished), all [N] but tokens [N, t].
+
+    A particle finished before this step gets the pad id, log q_t = 0, no p₀ term and log α = 0
+    (not log γ − log γ, which is NaN where φ = 0). A particle that draws a stop token now is
+    finished with log γ = log p₀(z_1:t) + log φ(z_1:t); the others carry the twist ψ_t."""
+    stop = state.stopping
+    assert stop is not None and state.finished is not None
+    was = state.finished
+    zero = torch.zeros((), device=state.log_w.device)
+    s_t = s_t.masked_fill(was, stop.pad_id)
+    idx = s_t[:, None]
+    log_q_t = torch.where(was, zero, log_q_all.gather(1, idx).squeeze(1))
+    log_p0 = state.log_p0 + torch.where(
+        was, zero, state.next_dists.log_p0.gather(1, idx).squeeze(1)
+    )
+    tokens = torch.cat([state.tokens, idx], dim=1)
+    lpsi = state.next_dists.log_psi
+    log_gamma = log_p0 + lpsi.gather(1, idx).squeeze(1) if lpsi is not None else log_p0
+    stopped = stop.is_stop(s_t) & ~was
+    rows = stopped.nonzero().squeeze(1)
+    if rows.numel():
+        phi = _phi_of_rows(log_phi, tokens, rows).float().to(log_p0.device)
+        log_gamma = log_gamma.index_put((rows,), log_p0.index_select(0, rows) + phi)
+    log_gamma = torch.where(was, state.log_gamma, log_gamma)
+    log_alpha = torch.where(was, zero, log_gamma - state.log_gamma - log_q_t)
+    return s_t, tokens, log_p0, log_gamma, log_q_t, log_alpha, was | stopped
+
+
+def _phi_of_rows(log_phi: Callable[[Tensor], Tensor], tokens: Tensor, rows: Tensor) -> Tensor:
+    """log φ [R] of the particles ``rows`` [R] that have just stopped (tokens [N, t]: each of
+    them ends in its stop). A potential with one conditioning row per particle bound in offers
+    ``select(rows)`` (:class:`smclm.tasks.base.BoundPotential`); any other callable is called
+    on those rows alone."""
+    select = getattr(log_phi, "select", None)
+    fn = select(rows) if select is not None else log_phi
+    return fn(tokens.index_select(0, rows))
 
 
 def _ancestors(
@@ -345,10 +513,15 @@ _POSITIVE_SPAN = 690.0
 
 
 def _weight_stats(
-    log_w: Tensor, prev_log_w: Tensor, fresh: tuple[bool, ...], g: int
-) -> tuple[list[float], list[float], list[float], list[bool]]:
-    """Per run: (logsumexp log w, log Ẑ increment, ESS, every weight positive) of the updated
-    weights [G·K], with one host sync for all runs.
+    log_w: Tensor,
+    prev_log_w: Tensor,
+    fresh: tuple[bool, ...],
+    g: int,
+    finished: Tensor | None = None,
+) -> tuple[list[float], list[float], list[float], list[bool], list[int]]:
+    """Per run: (logsumexp log w, log Ẑ increment, ESS, every weight positive, particles
+    finished: 0 without ``finished`` [G·K]) of the updated weights [G·K], with one host sync
+    for all runs.
 
     In float64, as ``ess``: with m = max log w and e = exp(log w − m), lse = m + log Σe and
     ESS = (Σe)²/Σe²; increment = lse − lse(previous log w), where a ``fresh`` run's previous
@@ -363,6 +536,8 @@ def _weight_stats(
     parts = [m, e.sum(1), e.square().sum(1), lo]
     if not all(fresh):
         parts.append(torch.logsumexp(prev_log_w.double().view(g, -1), 1))
+    if finished is not None:
+        parts.append(finished.view(g, -1).sum(1).double())
     vals = torch.stack(parts).tolist()
     log_k = math.log(k)
     lses, incs, esss = [], [], []
@@ -379,7 +554,8 @@ def _weight_stats(
         lses.append(lse)
         incs.append(lse - lse_prev)
         esss.append(w_ess)
-    return lses, incs, esss, positive
+    n_fin = [int(x) for x in vals[-1]] if finished is not None else [0] * g
+    return lses, incs, esss, positive, n_fin
 
 
 def _should_resample(w_ess: float, n: int, threshold: float) -> bool:
@@ -405,14 +581,26 @@ def run_smc(
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
     n_runs: int = 1,
+    stopping: Stopping | None = None,
 ) -> SMCResult:
     """Run T = output_len steps of twisted SMC (SIS when ess_threshold = 0): n_runs independent
     runs of n_particles each, as one batch (see the module docstring).
 
     log_phi maps output tokens [G·K, T] to log φ [G·K] (conditioning already bound in, one row
     per particle). cond: None or [G·K, c]. pinned: exact target samples for conditional SMC
-    (upper bound), [T] for one run or [G, T]; particle 0 of each run carries its row.
+    (upper bound), [T] for one run or [G, T]; particle 0 of each run carries its row (with
+    stopping: padded with the pad id after its stop).
+
+    stopping: variable-length outputs with T the cap (module docstring); None takes the
+    potential's own (``log_phi.stopping``: a task's bound potential carries its task's), so a
+    stopping task stops wherever its potential goes. log_phi is then called on the rows that
+    stop at a step, tokens [R, t] each ending in its stop, and the run ends when all particles
+    have finished.
     """
+    if stopping is None:
+        stopping = getattr(log_phi, "stopping", None)
+    if stopping is not None:
+        stopping.check_cap(output_len)
     if n_particles < 1:
         raise ValueError(f"n_particles must be positive, got {n_particles}")
     if n_runs < 1:
@@ -431,10 +619,12 @@ def run_smc(
             f"cond has {cond.shape[0]} rows for {n_runs} runs of {n_particles} particles; pass "
             "one row per particle"
         )
-    state = init(model, prompt_ids, n_particles, cond, n_runs)
+    state = init(model, prompt_ids, n_particles, cond, n_runs, stopping)
     if pinned is not None:
         pinned = pinned.to(state.log_w.device)
     for _ in range(output_len):
+        if state.done:  # every particle has stopped: no more forward passes
+            break
         state = step(
             model,
             state,
@@ -447,10 +637,16 @@ def run_smc(
             generator=generator,
             temperature=temperature,
         )
-    log_phi_final = state.log_gamma - state.log_p0  # at t = T the "twist" is φ
+    log_phi_final = state.log_gamma - state.log_p0  # at t = T (or the stop) the "twist" is φ
     log_z = state.log_z_hat
+    tokens = state.tokens
+    if stopping is None:
+        lengths = torch.full((tokens.shape[0],), output_len, device=tokens.device)
+    else:
+        tokens = stopping.pad(tokens, output_len)
+        lengths = stopping.lengths(tokens)
     return SMCResult(
-        state.tokens,
+        tokens,
         state.log_w,
         float(log_z[0]) if n_runs == 1 else float(log_z.double().mean()),
         log_phi_final,
@@ -459,6 +655,7 @@ def run_smc(
         state.infos,
         log_z.double(),
         n_runs,
+        lengths,
     )
 
 
@@ -470,3 +667,40 @@ def no_potential(tokens: Tensor) -> Tensor:
 def log_mean_exp(x: Tensor) -> float:
     """log((1/n) Σ exp x) over a 1-D tensor."""
     return float(torch.logsumexp(x.double(), 0) - math.log(x.numel()))
+
+
+@torch.no_grad()
+def stopped_sequence_log_probs(
+    model: TwistedLM,
+    prompt_ids: Tensor,
+    tokens: Tensor,
+    stopping: Stopping,
+    cond: Tensor | None = None,
+    proposal: str = "twist",
+) -> dict[str, Tensor]:
+    """Teacher-forced per-step log p₀ and log q of finished sequences tokens [N, T] (each row
+    padded after its stop), as the stopping sampler draws and weighs them: log p₀ unmasked,
+    log q the proposal masked for each step (``Stopping.mask``). Both [N, T] float32, 0 after
+    each row's stop; also "lengths" [N]. Summed over t they give log p₀(z) and log q(z)."""
+    t_len = tokens.shape[1]
+    log_p0, log_psi, log_q_policy = model.full_pass(prompt_ids, tokens, cond)
+    if log_q_policy is not None and proposal != "p0":
+        base = log_q_policy.detach()
+    elif log_psi is None or proposal == "p0":
+        base = log_p0
+    else:
+        base = log_p0 + log_psi.detach()
+    v = base.shape[-1]
+    allowed = torch.stack(
+        [stopping.allowed(t, t_len, v, base.device) for t in range(1, t_len + 1)]
+    )  # [T, V]
+    log_q_all = F.log_softmax(base.masked_fill(~allowed, -math.inf), dim=-1)
+    idx = tokens[..., None]
+    lengths = stopping.lengths(tokens)
+    live = torch.arange(1, t_len + 1, device=tokens.device)[None] <= lengths[:, None]
+    zero = torch.zeros((), device=base.device)
+    return {
+        "log_p0": torch.where(live, log_p0.gather(-1, idx).squeeze(-1), zero),
+        "log_q": torch.where(live, log_q_all.gather(-1, idx).squeeze(-1), zero),
+        "lengths": lengths,
+    }

@@ -10,6 +10,12 @@ Tasks are made by task builders named in the config by ``_target_`` (:mod:`smclm
 by rejection sampling of exact target samples; None when no bound is known. ``beta`` is the
 potential's inverse temperature where it has one (PPO's reward is log φ / β).
 
+Stopping tasks (``stop_ids`` non-empty; README "Stopping"): outputs are finished sequences
+z_1:ℓ that end in a stop token, with ``min_len`` ≤ ℓ ≤ ``output_len`` = T (ℓ counts the stop),
+and σ̃(z) = p₀(z_1:ℓ)·φ(z). The potential is called on finished sequences only, tokens [N, ℓ]
+ending in their stop (rows of one call share ℓ); the sampler pads them to T with the first stop
+id. Empty ``stop_ids``: every output has exactly T tokens, as before.
+
 Conditional tasks (``cond_len`` = c > 0, infilling) condition on c tokens o that follow the
 output: their exact target samples come from joint sampling (``sample_joint``): draw T + c tokens
 from p₀; the first T are an exact sample of σ(· | o) for the o formed by the last c.
@@ -24,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smclm.errors import PotentialError
+from smclm.errors import ConfigError, PotentialError
+from smclm.smc.sampler import Stopping
 
 
 @dataclass
@@ -36,12 +43,36 @@ class Task:
     log_phi_max: float | None = None
     cond_len: int = 0  # c > 0 for conditional tasks (infilling)
     beta: float = 1.0
+    stop_ids: tuple[int, ...] = ()  # ⊤; empty: fixed length T
+    min_len: int = 1  # m, the shortest finished output (the stop counted); with stop_ids only
+
+    def __post_init__(self) -> None:
+        self.stop_ids = tuple(int(i) for i in self.stop_ids)
+        if self.stop_ids:
+            self.stopping.check_cap(self.output_len)
+
+    @property
+    def stopping(self) -> Stopping | None:
+        """The sampler's stopping rule (None for a fixed-length task)."""
+        return Stopping(self.stop_ids, int(self.min_len)) if self.stop_ids else None
 
     def log_phi(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
-        """log φ(s_1:T [, o]) for tokens [N, T] → [N] float32."""
+        """log φ(s_1:T [, o]) for tokens [N, T] → [N] float32. A stopping task scores each row's
+        finished sequence z_1:ℓ (up to its first stop; the whole row if it has none), calling
+        the potential once per distinct ℓ."""
         if self.cond_len and cond is None:
             raise ValueError(f"task '{self.name}' conditions on o; pass cond [N, {self.cond_len}]")
-        return self.checked(self.potential(tokens, cond).float())
+        stopping = self.stopping
+        if stopping is None:
+            return self.checked(self.potential(tokens, cond).float())
+        lengths = stopping.lengths(tokens)
+        out = torch.empty(tokens.shape[0], dtype=torch.float32, device=tokens.device)
+        for ell in torch.unique(lengths).tolist():
+            rows = (lengths == ell).nonzero().squeeze(1)
+            c = None if cond is None else cond.index_select(0, rows.to(cond.device))
+            phi = self.potential(tokens.index_select(0, rows)[:, :ell], c).float()
+            out[rows] = phi.to(out.device)
+        return self.checked(out)
 
     def checked(self, log_phi: Tensor) -> Tensor:
         """``log_phi`` [N] itself, or a PotentialError when some entries are NaN or +inf.
@@ -52,11 +83,15 @@ class Task:
             return log_phi
         n_nan = int(torch.isnan(log_phi).sum())
         n_inf = int(torch.isposinf(log_phi).sum())
+        where = (
+            f"at step t = T = {self.output_len} (where the potential is evaluated)"
+            if not self.stop_ids
+            else "at the step where they stopped (where the potential is evaluated)"
+        )
         raise PotentialError(
             f"task '{self.name}': log φ is NaN for {n_nan} and +inf for {n_inf} of "
-            f"{log_phi.shape[0]} particles at step t = T = {self.output_len} (where the potential "
-            "is evaluated); log φ must be finite or -inf (φ = 0): check the potential's settings "
-            "(e.g. task.beta, task.epsilon) and the model's dtype"
+            f"{log_phi.shape[0]} particles {where}; log φ must be finite or -inf (φ = 0): check "
+            "the potential's settings (e.g. task.beta, task.epsilon) and the model's dtype"
         )
 
     def bind(self, cond: Tensor | None = None) -> Callable[[Tensor], Tensor]:
@@ -96,11 +131,57 @@ class BoundPotential:
     def __call__(self, tokens: Tensor) -> Tensor:
         return self.task.log_phi(tokens, self.cond)
 
+    @property
+    def stopping(self) -> Stopping | None:
+        """The task's stopping rule: the sampler stops where the task says."""
+        return self.task.stopping
+
+    def select(self, rows: Tensor) -> BoundPotential:
+        """The same potential for the particles ``rows`` only (their conditioning rows)."""
+        cond = None if self.cond is None else self.cond.index_select(0, rows.to(self.cond.device))
+        return BoundPotential(self.task, cond)
+
     def from_cache(self, model: Any, ctx: Any, tokens: Tensor) -> Tensor | None:
         """log φ from the base model's cache of [prompt, s_1:T−1], or None when unsupported.
-        The cache is extended (it is not used after the last step)."""
+        The cache is extended (it is not used after the last step). Fixed-length tasks only."""
         fn = getattr(self.task.potential, "from_cache", None)
         if fn is None or self.cond is None:
             return None
         out = fn(model, ctx, tokens, self.cond)
         return None if out is None else self.task.checked(out.float())
+
+
+def resolve_stop_ids(tokenizer: Any, stop: Any, vocab_size: int) -> tuple[int, ...]:
+    """``task.stop`` as token ids: None or [] (no stop: fixed length), one entry or a list of
+    them; an int is a token id, a string is text that must encode (without special tokens) to
+    exactly one token of this tokenizer, so one config serves every model."""
+    if stop is None:
+        return ()
+    entries = [stop] if isinstance(stop, (str, int)) else list(stop)
+    ids: list[int] = []
+    for entry in entries:
+        if isinstance(entry, bool):
+            raise ConfigError(f"task.stop entry {entry!r} is neither a token id nor a string")
+        if isinstance(entry, int):
+            if not 0 <= entry < vocab_size:
+                raise ConfigError(
+                    f"task.stop id {entry} is outside the model's vocabulary [0, {vocab_size}); "
+                    "give a token id below the vocabulary size, or the stop as a string"
+                )
+            ids.append(entry)
+            continue
+        if not isinstance(entry, str) or not entry:
+            raise ConfigError(
+                f"task.stop entry {entry!r} is neither a token id nor a non-empty string"
+            )
+        try:
+            enc = list(tokenizer(entry, add_special_tokens=False)["input_ids"])
+        except Exception as e:  # the toy tokenizer raises on unknown words
+            raise ConfigError(f"task.stop entry {entry!r} cannot be tokenised ({e})") from e
+        if len(enc) != 1:
+            raise ConfigError(
+                f"task.stop entry {entry!r} is {len(enc)} tokens {enc} for this tokenizer; a stop "
+                "must be one token: give its token id or a string that encodes to one token"
+            )
+        ids.append(int(enc[0]))
+    return tuple(dict.fromkeys(ids))

@@ -6,6 +6,12 @@ exact σ samples. For indicator potentials this keeps the hits. For class-probab
 it is the paper's stochastic-classification trick (keep s when a class drawn from the classifier
 is the target class).
 
+A stopping task (README "Stopping") draws from the sampler's masked p₀ proposal q (no stop before
+m, the stop forced at T) and keeps a draw z with probability exp(log w − log φ_max), where
+log w = log p₀(z) + log φ(z) − log q(z) ≤ log φ(z) (q only renormalises p₀ over fewer tokens, so
+q ≥ p₀ on every draw): the kept draws are exact samples of σ(z) ∝ p₀(z)φ(z) over the finished
+sequences with m ≤ ℓ ≤ T, padded to T.
+
 ``load_or_collect`` caches a sample set under a key that hashes every setting that determines
 it: the model (name and toy settings), the task (including prompt ids and potential parameters),
 the output length, the seed and n. Any changed setting gives a new key, so the samples are
@@ -106,7 +112,9 @@ def rejection_sample(
                     f"log φ = {log_max + excess:.4g} exceeds task.log_phi_max = {log_max:.4g}; "
                     "the bound is wrong, so rejection sampling would not be exact"
                 )
-            accept_p = torch.exp((res.log_phi.double() - log_max).clamp(max=0.0))
+            # fixed length: q = p₀, so log w = log φ; stopping: log w = log φ + log p₀/q ≤ log φ
+            log_accept = res.log_phi if task.stopping is None else res.log_w
+            accept_p = torch.exp((log_accept.double() - log_max).clamp(max=0.0))
             u = torch.rand(batch_size, generator=generator, device=accept_p.device)
             keep = u.double() < accept_p
             new = res.tokens[keep].cpu()

@@ -3,6 +3,10 @@
 * ``threshold``: log φ = log(1[#{t : s_t ∈ target_ids} ≥ min_count] + ε), the indicator form of
   the paper's toxicity-threshold task, with its ε = 1e-16 floor.
 * ``exp_count``: log φ = β · #{t : s_t ∈ target_ids}.
+
+With ``stop`` (token ids or one-token strings, resolved against the tokenizer) outputs end at
+a stop token, with ``min_len`` ≤ ℓ ≤ ``output_len`` (ℓ counts the stop; README "Stopping"); the
+counts run over the finished sequence, its stop included.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from smclm.tasks.base import Task
+from smclm.tasks.base import Task, resolve_stop_ids
 from smclm.tasks.plugin import TaskEnv
 
 POTENTIALS = ("threshold", "exp_count")
@@ -65,10 +69,18 @@ def toy_task(
     epsilon: float = 1e-16,
     beta: float = 1.0,
     cond_len: int = 0,
+    stop: int | str | list | None = None,
+    min_len: int = 1,
 ) -> Task:
     """The task of configs/task/toy.yaml (any causal LM: the potential reads token ids)."""
     if cond_len:
         raise ValueError(f"task.cond_len={cond_len}: the toy task is unconditional")
+    stop_ids = resolve_stop_ids(env.tokenizer, stop, env.vocab_size)
+    if not stop_ids and int(min_len) != 1:
+        raise ValueError(
+            f"task.min_len={min_len} needs stop tokens (task.stop); without them every output "
+            f"has exactly task.output_len={output_len} tokens"
+        )
     return build_toy_task(
         env.prompt_ids,
         int(output_len),
@@ -79,6 +91,8 @@ def toy_task(
         epsilon=float(epsilon),
         beta=float(beta),
         name=name,
+        stop_ids=stop_ids,
+        min_len=int(min_len),
     )
 
 
@@ -92,7 +106,11 @@ def build_toy_task(
     epsilon: float = 1e-16,
     beta: float = 1.0,
     name: str = "toy",
+    stop_ids: tuple[int, ...] | list[int] = (),
+    min_len: int = 1,
 ) -> Task:
+    """stop_ids: the stop tokens (empty: fixed length output_len); min_len: the shortest
+    finished output, its stop counted (stop_ids only)."""
     bad = [i for i in target_ids if not 0 <= int(i) < vocab_size]
     if bad:
         raise ValueError(
@@ -107,4 +125,6 @@ def build_toy_task(
         pot,
         log_phi_max=pot.log_max(output_len),
         beta=beta if potential == "exp_count" else 1.0,  # β only where φ uses it
+        stop_ids=tuple(int(i) for i in stop_ids),
+        min_len=int(min_len),
     )
