@@ -229,6 +229,21 @@ def test_the_run_ends_when_every_particle_has_finished(p0_model):
     assert res.infos[-1].n_finished == 16 and not res.infos[-1].resampled
 
 
+def test_conditional_smc_keeps_a_finished_pinned_sample(twisted, world):
+    """cSMC with stopping: slot 0 of every run reproduces its exact sample (a stop, then pad),
+    across resampling and batched runs; an unfinished sequence is refused as a pin."""
+    task, sol = world
+    gen = torch.Generator().manual_seed(8)
+    idx = torch.multinomial(sol.log_sigma.exp(), 6, replacement=True, generator=gen)
+    pins = sol.sequences[idx]
+    res = run_smc(twisted, PROMPT, T, task.bind(), 4, n_runs=6, pinned=pins, generator=gen)
+    assert torch.equal(res.tokens[::4], pins)
+    assert torch.equal(res.lengths[::4], sol.lengths[idx])
+    bad = torch.tensor([0, 1, 3, 4])  # no stop at all
+    with pytest.raises(ValueError, match="must be finished sequences"):
+        run_smc(twisted, PROMPT, T, task.bind(), 4, pinned=bad, generator=gen)
+
+
 @pytest.mark.parametrize("kind", ["head", "separate"])
 def test_sampling_log_probs_match_teacher_forcing_with_stopping(toy_world, kind):
     """log p₀ and log q accumulated with the KV cache (reordered after every resample) equal

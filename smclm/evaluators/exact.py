@@ -82,13 +82,7 @@ def finished_sequences(vocab_size: int, output_len: int, stopping: Stopping) -> 
     """Every finished sequence of a stopping task, padded to T: [M, T] in lexicographic order
     (the Vᵀ grid points whose first stop is at ℓ ∈ [m, T] with the pad id after it)."""
     grid = all_sequences(vocab_size, output_len)
-    stops = stopping.is_stop(grid)
-    lengths = stopping.lengths(grid)
-    after = torch.arange(1, output_len + 1)[None] > lengths[:, None]
-    keep = (
-        stops.any(1) & (lengths >= stopping.min_len) & (~after | (grid == stopping.pad_id)).all(1)
-    )
-    return grid[keep]
+    return grid[stopping.finished(grid)]
 
 
 def _grid_index(seqs: Tensor, vocab_size: int) -> Tensor:

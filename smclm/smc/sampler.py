@@ -148,6 +148,14 @@ class Stopping:
         first = hit.long().argmax(1) + 1
         return torch.where(hit.any(1), first, torch.full_like(first, tokens.shape[1]))
 
+    def finished(self, tokens: Tensor) -> Tensor:
+        """Which rows of tokens [N, T] are finished sequences padded to T: a first stop at
+        ℓ ∈ [m, T] and the pad id after it. [N] bool."""
+        lengths = self.lengths(tokens)
+        pos = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)[None]
+        padded = ((pos <= lengths[:, None]) | (tokens == self.pad_id)).all(1)
+        return self.is_stop(tokens).any(1) & (lengths >= self.min_len) & padded
+
     def pad(self, tokens: Tensor, width: int) -> Tensor:
         """tokens [N, L] padded with pad_id to [N, width]."""
         if tokens.shape[1] >= width:
@@ -613,6 +621,11 @@ def run_smc(
             raise ValueError(
                 f"pinned must be [T] or [G, T] = [{n_runs}, {output_len}], got "
                 f"{tuple(pinned.shape)}"
+            )
+        if stopping is not None and not bool(stopping.finished(pinned).all()):
+            raise ValueError(
+                "pinned samples of a stopping task must be finished sequences: a stop at a "
+                f"length in [{stopping.min_len}, {output_len}], the pad id {stopping.pad_id} after it"
             )
     if cond is not None and cond.shape[0] != n_runs * n_particles:
         raise ValueError(
