@@ -75,6 +75,7 @@ Metrics (per update):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,8 +86,10 @@ from smclm.errors import ConfigError, UserError
 from smclm.methods.base import TrainContext
 from smclm.methods.replay import Key, ReplayBuffer
 from smclm.models.twisted_lm import TwistedLM
+from smclm.smc.sampler import Stopping, stopped_sequence_log_probs
+from smclm.tasks.base import Task
 
-LOSSES = ("tb", "vargrad", "subtb")
+LOSSES = ("tb", "vargrad", "subtb", "modified_subtb")
 LOG_Z = ("scalar", "conditional", "batch_mean")
 ON_POLICY, REPLAY, TEMPERED = 0, 1, 2
 BUFFER_DEFAULTS: dict[str, Any] = {
@@ -148,12 +151,27 @@ def tb_residuals(log_z: Tensor, log_q: Tensor, log_r: Tensor, tau_r: float = 1.0
 
 
 def flow_log_f(
-    log_z: Tensor, log_p0: Tensor, log_psi: Tensor, log_r: Tensor, tau_r: float = 1.0
+    log_z: Tensor,
+    log_p0: Tensor,
+    log_psi: Tensor,
+    log_r: Tensor,
+    tau_r: float = 1.0,
+    lengths: Tensor | None = None,
 ) -> Tensor:
     """log F_0..T [N, T+1]: log Z_θ [N]; log p₀(s_1:t) + log ψ_t(s_<t, s_t) from the per-token
-    log p₀ [N, T] and log ψ [N, T] at the sampled tokens (t = 1..T−1); log R [N] / τ_R."""
-    inner = (log_p0.cumsum(1) + log_psi)[:, :-1]
-    return torch.cat([log_z[:, None], inner, (log_r / tau_r)[:, None]], dim=1)
+    log p₀ [N, T] and log ψ [N, T] at the sampled tokens (t = 1..T−1); log R [N] / τ_R.
+
+    lengths [N] (stopping tasks): row n's trajectory ends at ℓ_n, so log F_ℓ = log R/τ_R and the
+    inner flows run over t = 1..ℓ−1; the entries after ℓ are 0 (never read by the masked loss)."""
+    if lengths is None:
+        inner = (log_p0.cumsum(1) + log_psi)[:, :-1]
+        return torch.cat([log_z[:, None], inner, (log_r / tau_r)[:, None]], dim=1)
+    inner = log_p0.cumsum(1) + log_psi  # [N, T]: t = 1..T
+    pos = torch.arange(1, inner.shape[1] + 1, device=inner.device)[None]
+    ell = lengths.to(inner.device)[:, None]
+    zero = torch.zeros((), device=inner.device)
+    inner = torch.where(pos < ell, inner, torch.where(pos == ell, (log_r / tau_r)[:, None], zero))
+    return torch.cat([log_z[:, None], inner], dim=1)
 
 
 def db_residuals(log_f: Tensor, log_q: Tensor) -> Tensor:
@@ -162,21 +180,106 @@ def db_residuals(log_f: Tensor, log_q: Tensor) -> Tensor:
     return log_f[:, :-1] + log_q - log_f[:, 1:]
 
 
-def subtb_loss(residuals: Tensor, lam: float = 1.0) -> Tensor:
-    """Σ_{0≤i<j≤T} λ^(j−i−1) (C_j − C_i)² / Σ λ^(j−i−1), C = [0, cumsum(D)], batch mean.
-
-    residuals: DB residuals D [N, T]. C_j − C_i = Σ_{i≤t<j} D_t; the (0, T) pair is TB."""
-    n, t_len = residuals.shape
-    c = torch.cat([residuals.new_zeros(n, 1), residuals.cumsum(1)], dim=1)  # [N, T+1]
-    diff = c[:, None, :] - c[:, :, None]  # [N, i, j] = C_j − C_i
-    pos = torch.arange(t_len + 1, device=residuals.device)
+def _pair_weights(n_states: int, lam: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(weight [S, S] = λ^(j−i−1) for i < j else 0, j index [S]) over S states."""
+    pos = torch.arange(n_states, device=device)
     gap = pos[None, :] - pos[:, None]  # j − i
     weight = torch.where(
         gap > 0,
-        torch.tensor(float(lam), device=residuals.device).pow((gap - 1).clamp(min=0).float()),
-        torch.zeros((), device=residuals.device),
+        torch.tensor(float(lam), device=device).pow((gap - 1).clamp(min=0).float()),
+        torch.zeros((), device=device),
     )
-    return ((weight * diff.pow(2)).sum((1, 2)) / weight.sum()).mean()
+    return weight, pos
+
+
+def subtb_loss(residuals: Tensor, lam: float = 1.0, lengths: Tensor | None = None) -> Tensor:
+    """Σ_{0≤i<j≤T} λ^(j−i−1) (C_j − C_i)² / Σ λ^(j−i−1), C = [0, cumsum(D)], batch mean.
+
+    residuals: DB residuals D [N, T]. C_j − C_i = Σ_{i≤t<j} D_t; the (0, T) pair is TB.
+    lengths [N] (stopping tasks): row n's pairs are those with j ≤ ℓ_n (its D_t for t ≥ ℓ_n are
+    ignored), normalised by its own Σ λ^(j−i−1), then the batch mean."""
+    n, t_len = residuals.shape
+    if lengths is not None:
+        t_pos = torch.arange(t_len, device=residuals.device)[None]
+        live = t_pos < lengths.to(residuals.device)[:, None]
+        residuals = torch.where(live, residuals, torch.zeros((), device=residuals.device))
+    c = torch.cat([residuals.new_zeros(n, 1), residuals.cumsum(1)], dim=1)  # [N, T+1]
+    diff = c[:, None, :] - c[:, :, None]  # [N, i, j] = C_j − C_i
+    weight, pos = _pair_weights(t_len + 1, lam, residuals.device)
+    if lengths is None:
+        return ((weight * diff.pow(2)).sum((1, 2)) / weight.sum()).mean()
+    w = weight[None] * (pos[None, None, :] <= lengths.to(residuals.device)[:, None, None])
+    return ((w * diff.pow(2)).sum((1, 2)) / w.sum((1, 2))).mean()
+
+
+UNTERMINABLE_LOG_R = -99.0  # log R of a prefix that may not stop (shorter than min_len): Hu's
+
+
+def modified_subtb_loss(
+    log_r: Tensor, log_pterm: Tensor, log_pf: Tensor, lengths: Tensor, lam: float = 1.0
+) -> Tensor:
+    """Hu et al.'s modified SubTB (baselines-spec B2.2–B2.3), every prefix terminable.
+
+    Row n is a finished sequence z_1:ℓ (ℓ = lengths[n], its stop z_ℓ counted); its states are the
+    prefixes z_1:i, i = 0..ℓ−1 (the stop's own state is not one). Inputs, i = 0..L−1 (L ≥ ℓ):
+
+    * log_r [N, L]: log R_i = log R(z_1:i ⊤)/τ_R (tempered), −99/τ_R where z_1:i may not stop;
+    * log_pterm [N, L]: log q(⊤ | z_1:i);
+    * log_pf [N, L−1]: log q(z_i+1 | z_1:i) of transition i → i+1.
+
+    With log F_i = log R_i − log q(⊤ | z_1:i) and δ_i = log F_i + log pf_i − log F_i+1,
+    C = [0, cumsum δ]: L = Σ_n Σ_{0≤i<j≤ℓ_n−1} λ^(j−i−1) (C_j − C_i)² / Σ_n Σ_{i<j} λ^(j−i−1),
+    normalised over the **whole batch** (long trajectories carry more pairs, as Hu's code); 0
+    when no row has a pair (every ℓ = 1). Entries past a row's last state are ignored (they may
+    hold anything finite)."""
+    n, n_states = log_r.shape
+    dev = log_r.device
+    zero = torch.zeros((), device=dev)
+    log_f = log_r - log_pterm
+    delta = log_f[:, :-1] + log_pf - log_f[:, 1:]  # [N, L−1]
+    ell = lengths.to(dev)[:, None]
+    live = torch.arange(1, n_states, device=dev)[None] <= ell - 1  # transition into state i+1
+    delta = torch.where(live, delta, zero)
+    c = torch.cat([delta.new_zeros(n, 1), delta.cumsum(1)], dim=1)  # [N, L]
+    diff = c[:, None, :] - c[:, :, None]  # [N, i, j]
+    weight, pos = _pair_weights(n_states, lam, dev)
+    w = weight[None] * (pos[None, None, :] <= ell[:, :, None] - 1)
+    total = w.sum()  # 0 when every row has ℓ = 1: then the numerator is 0 too (graph kept)
+    return (w * diff.pow(2)).sum() / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def stop_choice_loss(log_q_stop: Tensor, log_r_stop: Tensor, valid: Tensor) -> Tensor:
+    """With several stop tokens ⊤ = {v_1..v_S}: which stop a terminating prefix takes.
+
+    ε_i,v = [log q(v | z_1:i) − log q(⊤ | z_1:i)] − [log R(z_1:i v) − log R(z_1:i ⊤)] (R tempered),
+    from log q [N, L, S] and log R [N, L, S] per stop token; the mean of ε² over the ``valid``
+    [N, L] states and the S stops. Identically 0 with one stop token; modified SubTB only
+    constrains the total stop probability, this the split among the stops."""
+    eps = (log_q_stop - torch.logsumexp(log_q_stop, -1, keepdim=True)) - (
+        log_r_stop - torch.logsumexp(log_r_stop, -1, keepdim=True)
+    )
+    eps = torch.where(valid[..., None], eps, torch.zeros((), device=eps.device))
+    count = valid.sum() * log_q_stop.shape[-1]
+    return eps.pow(2).sum() / count.clamp(min=1)
+
+
+def step_log_norm(log_q_all: Tensor, stopping: Stopping, output_len: int) -> Tensor:
+    """log of the mass the stopping sampler's mask leaves at each step [N, L] from the policy's
+    log q [N, L, V] (position p is step t = p + 1): before min_len the non-stop tokens, at the
+    cap only the stops, 0 in between. log q(v) − this is the masked proposal the sampler draws
+    from (``Stopping.mask``); computed over the allowed tokens only, so it stays finite."""
+    n, length, v = log_q_all.shape
+    norm = log_q_all.new_zeros(n, length)
+    cols = []
+    for p in range(length):
+        t = p + 1
+        if not stopping.min_len <= t < output_len:
+            allowed = stopping.allowed(t, output_len, v, log_q_all.device)
+            cols.append((p, torch.logsumexp(log_q_all[:, p].masked_fill(~allowed, -math.inf), -1)))
+    if cols:
+        idx = torch.tensor([p for p, _ in cols], device=log_q_all.device)
+        norm = norm.index_copy(1, idx, torch.stack([c for _, c in cols], 1))
+    return norm
 
 
 # -- the learner ---------------------------------------------------------------------------------
@@ -191,7 +294,7 @@ class GFN:
 
     def __init__(
         self,
-        loss: str = "tb",
+        loss: str = "auto",
         log_z: str = "scalar",
         lr_z: float = 0.1,
         subtb_lambda: float = 1.0,
@@ -209,9 +312,19 @@ class GFN:
         weight_decay: float = 0.01,
         pilot_samples: int = 100,
     ) -> None:
-        if loss not in LOSSES:
+        if loss not in (*LOSSES, "auto"):
             raise ConfigError(
-                f"method.loss={loss} is not a GFlowNet loss; choose one of: {', '.join(LOSSES)}"
+                f"method.loss={loss} is not a GFlowNet loss; choose one of: {', '.join(LOSSES)}, "
+                "or auto (modified_subtb for a task that stops, tb otherwise)"
+            )
+        self.loss_requested = loss
+        if loss == "auto":  # tb until setup sees the task: modified_subtb when it stops
+            loss = "tb"
+        if loss == "modified_subtb" and log_z != "scalar":
+            raise ConfigError(
+                f"method.loss=modified_subtb has no log Z (its flows are R/q(stop)), so "
+                f"method.log_z={log_z} does not apply; set method.log_z=scalar, or "
+                "method.loss=tb to learn log Z"
             )
         if log_z not in LOG_Z:
             raise ConfigError(
@@ -295,7 +408,8 @@ class GFN:
 
     @property
     def needs_twist(self) -> bool:
-        """SubTB's flow head is the twist (baselines-spec B4.3); TB and VarGrad have none."""
+        """SubTB's flow head is the twist (baselines-spec B4.3); TB, VarGrad and modified SubTB
+        have none."""
         return self.loss_kind == "subtb"
 
     # -- schedules -----------------------------------------------------------------------------
@@ -318,6 +432,7 @@ class GFN:
                 "method=gfn trains a proposal policy but the model has none; set "
                 "method.policy=mlp_head|full|lora|separate_conditional"
             )
+        self._resolve_loss(task)
         if self.loss_kind == "subtb" and model.twist is None:
             raise ConfigError(
                 "method.loss=subtb uses the twist as its flow head but the model has none; "
@@ -369,7 +484,7 @@ class GFN:
                     "name": "flow",
                 }
             )
-        if self.log_z_kind != "batch_mean":
+        if self.log_z_kind != "batch_mean" and self.loss_kind != "modified_subtb":
             self.log_z = self._pilot_log_z(batch)
             groups.append(
                 {"params": [self.log_z.a], "lr": self.lr_z, "weight_decay": 0.0, "name": "log_z"}
@@ -386,7 +501,28 @@ class GFN:
             pool = batch.exact_pool
             if pool is None or self.buffer is None:
                 raise UserError("method.buffer.seed_with_exact=true but there is no exact pool")
-            self.buffer.add_batch([()] * pool.shape[0], pool, _log_r(batch, pool, None))
+            self.buffer.add_batch(
+                [()] * pool.shape[0], pool, _log_r(batch, pool, None), _lengths(task, pool)
+            )
+
+    def _resolve_loss(self, task: Task) -> None:
+        """``loss=auto``: modified SubTB for a task that stops, TB otherwise (decided here, from
+        the task); check that the loss fits the task."""
+        stops = task.stopping is not None
+        if self.loss_requested == "auto" and stops:
+            if self.log_z_kind != "scalar":
+                raise ConfigError(
+                    f"task {task.name} stops, so method.loss defaults to modified_subtb, which "
+                    f"has no log Z: method.log_z={self.log_z_kind} does not apply; set "
+                    "method.loss=tb (or vargrad) to use it, or method.log_z=scalar"
+                )
+            self.loss_kind = "modified_subtb"
+        if self.loss_kind == "modified_subtb" and not stops:
+            raise ConfigError(
+                f"method.loss=modified_subtb needs a task that stops (every prefix terminable), "
+                f"but task {task.name} has fixed-length outputs; set method.loss=tb (or subtb, "
+                "vargrad), or give the task stop tokens (task.stop)"
+            )
 
     @torch.no_grad()
     def _pilot_log_z(self, batch: TrainContext) -> LogZ:
@@ -421,7 +557,7 @@ class GFN:
     def update(self, batch: TrainContext) -> dict[str, float]:
         if self.optimizer is None:
             raise RuntimeError("call setup(batch, lr) before update")
-        model, task = batch.model, batch.task
+        task = batch.task
         k = self.n_updates
         tau_r = self.tau_r(k)
         cond = batch.cond
@@ -430,7 +566,8 @@ class GFN:
         group = batch.group_size if cond is not None else None
         if self.buffer is not None and self.needs_exact and cond is not None:
             if batch.exact_pool is not None:  # B4.5: seed with the exact s paired with each o
-                self.buffer.add_batch(keys, batch.exact_pool, _log_r(batch, batch.exact_pool, cond))
+                pool = batch.exact_pool
+                self.buffer.add_batch(keys, pool, _log_r(batch, pool, cond), _lengths(task, pool))
 
         mode, tau_pf = self._draw_behaviour(batch.generator, keys, group)
         if mode == REPLAY:
@@ -441,29 +578,10 @@ class GFN:
             tokens, log_r = res.tokens, res.log_p0 + res.log_phi  # untempered log σ̃
             _check_finite(log_r)
             if self.buffer is not None:
-                self.buffer.add_batch(keys, tokens, log_r)
+                lengths = res.lengths if task.stopping is not None else None
+                self.buffer.add_batch(keys, tokens, log_r, lengths)
 
-        # one teacher-forced pass at temperature 1, with grad through the policy (and the flow)
-        prompt = task.prompt_ids
-        # one base pass gives log p₀, the policy's log q and (SubTB) the flow head's log ψ
-        log_p0_all, log_psi_all, log_q_all = model.full_pass(prompt, tokens, cond)
-        assert log_q_all is not None  # setup checked that the policy exists
-        idx = tokens[..., None]
-        log_q_tok = log_q_all.gather(-1, idx).squeeze(-1)  # [N, T]
-        log_q = log_q_tok.sum(1)
-        if self.log_z is None:  # batch_mean (VarGrad)
-            log_z = group_mean((log_r / tau_r - log_q).detach(), group)
-        else:
-            features_of = cond if self.log_z_kind == "conditional" else None
-            log_z = self.log_z(_cond_features(model, features_of, n))
-        if self.loss_kind == "subtb":
-            assert log_psi_all is not None  # setup checked that the flow head (twist) exists
-            log_psi = log_psi_all.gather(-1, idx).squeeze(-1)
-            log_p0_tok = log_p0_all.gather(-1, idx).squeeze(-1)
-            log_f = flow_log_f(log_z, log_p0_tok, log_psi, log_r, tau_r)
-            loss = subtb_loss(db_residuals(log_f, log_q_tok), self.subtb_lambda)
-        else:
-            loss = tb_residuals(log_z, log_q, log_r, tau_r).pow(2).mean()
+        loss, log_z, log_q = self.batch_loss(batch, tokens, log_r, tau_r, cond, group)
 
         lr = self.policy_lr(k)
         for g in self.optimizer.param_groups:
@@ -477,7 +595,7 @@ class GFN:
         metrics = {
             "train/loss": float(loss.detach()),
             "gfn/loss": float(loss.detach()),
-            "gfn/log_z_param": float(log_z.detach().mean()),
+            self._z_metric(): float(log_z.detach().mean()),
             "gfn/behaviour": float(mode),
             "gfn/tau_pf": float(tau_pf),
             "gfn/buffer_size": float(len(self.buffer) if self.buffer is not None else 0),
@@ -487,6 +605,104 @@ class GFN:
         if mode == ON_POLICY:
             metrics["gfn/mean_log_w"] = float((log_r - log_q).detach().mean())
         return metrics
+
+    def _z_metric(self) -> str:
+        return "gfn/log_f0" if self.loss_kind == "modified_subtb" else "gfn/log_z_param"
+
+    def batch_loss(
+        self,
+        batch: TrainContext,
+        tokens: Tensor,
+        log_r: Tensor,
+        tau_r: float,
+        cond: Tensor | None = None,
+        group: int | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The configured loss of sequences tokens [N, T] (finished and padded on a stopping
+        task) with untempered log R [N], from one teacher-forced pass at temperature 1 with grad
+        through the policy (and SubTB's flow head). Returns (loss, log Z_θ [N] — log F_0 for
+        modified SubTB —, log q(s) [N] of the sampler's proposal, with grad)."""
+        model, task = batch.model, batch.task
+        n = tokens.shape[0]
+        stopping = task.stopping
+        # one base pass gives log p₀, the policy's log q and (SubTB) the flow head's log ψ
+        log_p0_all, log_psi_all, log_q_all = model.full_pass(task.prompt_ids, tokens, cond)
+        assert log_q_all is not None  # setup checked that the policy exists
+        idx = tokens[..., None]
+        log_q_tok = log_q_all.gather(-1, idx).squeeze(-1)  # [N, T]
+        lengths = None
+        if stopping is not None:  # the sampler's masked proposal, 0 after each row's stop
+            lengths = stopping.lengths(tokens)
+            norm = step_log_norm(log_q_all, stopping, task.output_len)
+            live = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)[None]
+            live = live <= lengths[:, None]
+            log_q_tok = torch.where(live, log_q_tok - norm, torch.zeros((), device=norm.device))
+        log_q = log_q_tok.sum(1)
+        if self.loss_kind == "modified_subtb":
+            assert stopping is not None and lengths is not None  # setup checked
+            loss, log_f0 = self._modified_subtb(
+                task, tokens, lengths, cond, tau_r, log_p0_all, log_q_all, norm
+            )
+            return loss, log_f0, log_q
+        if self.log_z is None:  # batch_mean (VarGrad)
+            log_z = group_mean((log_r / tau_r - log_q).detach(), group)
+        else:
+            features_of = cond if self.log_z_kind == "conditional" else None
+            log_z = self.log_z(_cond_features(model, features_of, n))
+        if self.loss_kind == "subtb":
+            assert log_psi_all is not None  # setup checked that the flow head (twist) exists
+            log_psi = log_psi_all.gather(-1, idx).squeeze(-1)
+            log_p0_tok = log_p0_all.gather(-1, idx).squeeze(-1)
+            log_f = flow_log_f(log_z, log_p0_tok, log_psi, log_r, tau_r, lengths)
+            loss = subtb_loss(db_residuals(log_f, log_q_tok), self.subtb_lambda, lengths)
+        else:
+            loss = tb_residuals(log_z, log_q, log_r, tau_r).pow(2).mean()
+        return loss, log_z, log_q
+
+    def _modified_subtb(
+        self,
+        task: Task,
+        tokens: Tensor,
+        lengths: Tensor,
+        cond: Tensor | None,
+        tau_r: float,
+        log_p0_all: Tensor,
+        log_q_all: Tensor,
+        norm: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Modified SubTB (+ the stop-choice term with several stops) of finished sequences;
+        returns (loss, log F_0 [N]). See the module docstring."""
+        stopping = task.stopping
+        assert stopping is not None
+        t_len = tokens.shape[1]
+        dev = tokens.device
+        stops = torch.tensor(stopping.stop_ids, device=dev)
+        idx = tokens[..., None]
+        with torch.no_grad():  # rewards: the frozen p₀ and φ
+            lp0_tok = log_p0_all.gather(-1, idx).squeeze(-1)
+            lp0_prefix = torch.cat([lp0_tok.new_zeros(tokens.shape[0], 1), lp0_tok.cumsum(1)], 1)
+            state = torch.arange(t_len, device=dev)[None]  # i = 0..T−1
+            valid = state <= (lengths[:, None] - 1)  # the row's states z_1:i, i < ℓ
+            terminable = (state + 1 >= stopping.min_len) & valid
+            log_phi = _prefix_log_phi(task, tokens, terminable, cond)  # [N, T, S]
+            log_r_stop = (
+                lp0_prefix[:, :t_len, None] + log_p0_all.index_select(-1, stops) + log_phi
+            ) / tau_r
+            log_r = torch.where(
+                terminable,
+                torch.logsumexp(log_r_stop, -1),
+                torch.full((), UNTERMINABLE_LOG_R / tau_r, device=dev),
+            )
+        log_q_stop = log_q_all.index_select(-1, stops)  # [N, T, S], unmasked
+        stop_all = torch.logsumexp(log_q_stop, -1)
+        # a terminable prefix stops with the masked proposal's probability (1 at the cap); one
+        # that may not stop keeps the unmasked policy's (its flow parameter: see the docstring)
+        log_pterm = torch.where(terminable, stop_all - norm, stop_all)
+        log_pf = (log_q_all.gather(-1, idx).squeeze(-1) - norm)[:, :-1]
+        loss = modified_subtb_loss(log_r, log_pterm, log_pf, lengths, self.subtb_lambda)
+        if stops.numel() > 1:
+            loss = loss + stop_choice_loss(log_q_stop, log_r_stop, terminable)
+        return loss, (log_r - log_pterm)[:, 0]
 
     def _draw_behaviour(
         self, gen: torch.Generator, keys: list[Key], group: int | None
@@ -514,8 +730,12 @@ class GFN:
         """n buffered sequences (uniform with replacement), group by group of rows sharing a key."""
         size = group or n
         assert self.buffer is not None
+        stopping = batch.task.stopping
+        pad = (
+            {} if stopping is None else {"width": batch.task.output_len, "pad_id": stopping.pad_id}
+        )
         parts = [
-            self.buffer.sample(keys[i], size, batch.generator, batch.model.device)
+            self.buffer.sample(keys[i], size, batch.generator, batch.model.device, **pad)
             for i in range(0, n, size)
         ]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -568,13 +788,57 @@ def _cond_features(model: TwistedLM, cond: Tensor | None, n: int) -> Tensor:
 
 @torch.no_grad()
 def _log_r(batch: TrainContext, tokens: Tensor, cond: Tensor | None) -> Tensor:
-    """Untempered log R = log p₀(s | s₀) + log φ(s[, o]) of given sequences [N, T] → [N]."""
+    """Untempered log R = log p₀(s | s₀) + log φ(s[, o]) of given sequences [N, T] → [N]
+    (stopping tasks: of each finished z_1:ℓ, p₀ up to and including its stop)."""
     base = batch.model.with_twist(None)
     tokens = tokens.to(batch.model.device)
-    lp = base.sequence_log_probs(batch.task.prompt_ids, tokens, cond, proposal="p0")["log_p0"]
-    log_r = lp.sum(1) + batch.task.log_phi(tokens, cond).to(lp.device)
+    task = batch.task
+    if task.stopping is not None:
+        lp = stopped_sequence_log_probs(
+            base, task.prompt_ids, tokens, task.stopping, cond, proposal="p0"
+        )["log_p0"]
+    else:
+        lp = base.sequence_log_probs(task.prompt_ids, tokens, cond, proposal="p0")["log_p0"]
+    log_r = lp.sum(1) + task.log_phi(tokens, cond).to(lp.device)
     _check_finite(log_r)
     return log_r
+
+
+def _lengths(task: Task, tokens: Tensor) -> Tensor | None:
+    """Each row's ℓ on a stopping task (None for fixed-length tasks: rows are stored whole)."""
+    return None if task.stopping is None else task.stopping.lengths(tokens)
+
+
+@torch.no_grad()
+def _prefix_log_phi(task: Task, tokens: Tensor, terminable: Tensor, cond: Tensor | None) -> Tensor:
+    """log φ(z_1:i v) [N, T, S] for every terminable state (n, i) (``terminable`` [N, T]) and
+    stop v (0 elsewhere): the potential on the finished sequence "prefix + stop", in one
+    ``task.log_phi`` call (it groups the rows by length). Refuses φ = 0 (as the TB losses)."""
+    stopping = task.stopping
+    assert stopping is not None
+    n, t_len = tokens.shape
+    s = len(stopping.stop_ids)
+    out = torch.zeros(n, t_len, s, device=tokens.device)
+    rows, states = terminable.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return out
+    pos = torch.arange(t_len, device=tokens.device)[None]
+    i = states[:, None]
+    seqs = []
+    for v in stopping.stop_ids:
+        fill = torch.where(pos == i, v, stopping.pad_id)
+        seqs.append(torch.where(pos < i, tokens.index_select(0, rows), fill))
+    flat = torch.cat(seqs)  # [S·R, T]: stop by stop
+    c = None if cond is None else cond.index_select(0, rows.to(cond.device)).repeat(s, 1)
+    log_phi = task.log_phi(flat, c).to(out.device).view(s, -1)
+    if torch.isneginf(log_phi).any() or torch.isnan(log_phi).any():
+        raise UserError(
+            "a prefix + stop has log phi = -inf (phi = 0): modified SubTB needs positive rewards "
+            "for every terminable prefix; use a potential with a floor (task.epsilon > 0)"
+        )
+    for k in range(s):
+        out[rows, states, k] = log_phi[k]
+    return out
 
 
 def _check_finite(log_r: Tensor) -> None:

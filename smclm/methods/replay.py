@@ -13,6 +13,13 @@ entry is the one evicted. Adding a sequence s with log R = r (``add``):
 
 Sampling is uniform with replacement (Hu's next-sentence buffer). log R is stored untempered and
 re-tempered by the caller at the current τ_R. ``sim_tolerance=0`` keeps exact de-duplication only.
+
+Variable-length outputs (stopping tasks): ``add_batch(..., lengths=ℓ)`` stores each finished
+sequence z_1:ℓ without its padding (its stop included), so de-duplication compares the sequences
+themselves, as Hu's does, and the tolerance uses their own lengths; ``sample(..., width=T,
+pad_id=…)`` pads the drawn entries back to T columns with the task's pad id (the first stop id),
+the form the sampler returns. The per-prefix rewards of modified SubTB are not stored: the
+learner recomputes them from the tokens (they are a deterministic function of them).
 """
 
 from __future__ import annotations
@@ -27,11 +34,15 @@ from torch import Tensor
 Key = tuple[int, ...]
 
 
-def edit_distances(a: np.ndarray, others: np.ndarray) -> np.ndarray:
+def edit_distances(
+    a: np.ndarray, others: np.ndarray, lengths: np.ndarray | None = None
+) -> np.ndarray:
     """Levenshtein distance between token sequence a [L] and each row of others [M, L'] → [M].
 
     One dynamic-programming row per token of a, vectorised over the M rows; the insertion chain
-    along a row is a cumulative minimum: d[j] = min_k≤j (tmp[k] + j − k).
+    along a row is a cumulative minimum: d[j] = min_k≤j (tmp[k] + j − k). ``lengths`` [M]: row m
+    is others[m, :lengths[m]] (the rest is padding, never read into the answer): the DP column
+    j holds the distance to the row's first j tokens, so the answer is column lengths[m].
     """
     m, width = others.shape
     ar = np.arange(width + 1)
@@ -42,7 +53,9 @@ def edit_distances(a: np.ndarray, others: np.ndarray) -> np.ndarray:
         tmp[:, 0] = i
         tmp[:, 1:] = np.minimum(prev[:, 1:] + 1, prev[:, :-1] + cost)
         prev = np.minimum.accumulate(tmp - ar, axis=1) + ar
-    return prev[:, -1]
+    if lengths is None:
+        return prev[:, -1]
+    return prev[np.arange(m), lengths]
 
 
 class ReplayBuffer:
@@ -69,9 +82,16 @@ class ReplayBuffer:
         if any(s == seq for _, s in heap):
             return False
         if heap and self.sim_tolerance > 0:
-            others = np.array([s for _, s in heap], dtype=np.int64)
-            dist = edit_distances(np.array(seq, dtype=np.int64), others)
-            near = np.nonzero(dist < self.sim_tolerance * (len(seq) + others.shape[1]))[0]
+            lens = np.array([len(s) for _, s in heap], dtype=np.int64)
+            if (lens == lens[0]).all():  # fixed length (every entry of a fixed-length task)
+                others = np.array([s for _, s in heap], dtype=np.int64)
+                dist = edit_distances(np.array(seq, dtype=np.int64), others)
+            else:  # variable lengths: pad with -1 (never a token) and read each row's column
+                others = np.full((len(heap), int(lens.max())), -1, dtype=np.int64)
+                for i, (_, s) in enumerate(heap):
+                    others[i, : len(s)] = s
+                dist = edit_distances(np.array(seq, dtype=np.int64), others, lens)
+            near = np.nonzero(dist < self.sim_tolerance * (len(seq) + lens))[0]
             if near.size:
                 i = int(near[0])
                 if heap[i][0] >= log_r:
@@ -85,9 +105,15 @@ class ReplayBuffer:
         heapq.heappush(heap, (log_r, seq))
         return True
 
-    def add_batch(self, keys: list[Key], tokens: Tensor, log_r: Tensor) -> None:
-        """Offer rows tokens [N, T] with log R [N] (untempered), row i under keys[i]."""
+    def add_batch(
+        self, keys: list[Key], tokens: Tensor, log_r: Tensor, lengths: Tensor | None = None
+    ) -> None:
+        """Offer rows tokens [N, T] with log R [N] (untempered), row i under keys[i]. lengths
+        [N] (stopping tasks): row i is the finished sequence tokens[i, :lengths[i]], stored
+        without the padding after it."""
         toks, rs = tokens.detach().cpu().tolist(), log_r.detach().double().cpu().tolist()
+        if lengths is not None:
+            toks = [s[:ell] for s, ell in zip(toks, lengths.detach().cpu().tolist())]
         for k, s, r in zip(keys, toks, rs):
             self.add(k, s, r)
 
@@ -96,15 +122,31 @@ class ReplayBuffer:
         return sorted(self._heaps.get(key, ()), reverse=True)
 
     def sample(
-        self, key: Key, n: int, generator: torch.Generator, device: torch.device | str = "cpu"
+        self,
+        key: Key,
+        n: int,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+        width: int | None = None,
+        pad_id: int | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """n entries of a key, uniformly with replacement: tokens [n, T] (long), log R [n]."""
+        """n entries of a key, uniformly with replacement: tokens [n, T] (long), log R [n].
+        Entries of different lengths (stopping tasks) are padded with ``pad_id`` to ``width``
+        columns (default: the longest drawn)."""
         heap = self._heaps.get(key)
         if not heap:
             raise ValueError(f"the replay buffer has no entries for key {key}")
         idx = torch.randint(0, len(heap), (n,), generator=generator, device=generator.device)
         rows = [heap[i] for i in idx.tolist()]
-        tokens = torch.tensor([s for _, s in rows], dtype=torch.long, device=device)
+        seqs = [list(s) for _, s in rows]
+        cols = max(len(s) for s in seqs) if width is None else width
+        if any(len(s) != cols for s in seqs):
+            if pad_id is None:
+                raise ValueError("entries of different lengths need a pad_id to be padded")
+            if any(len(s) > cols for s in seqs):
+                raise ValueError(f"a buffered sequence is longer than width={cols}")
+            seqs = [s + [pad_id] * (cols - len(s)) for s in seqs]
+        tokens = torch.tensor(seqs, dtype=torch.long, device=device)
         log_r = torch.tensor([r for r, _ in rows], dtype=torch.float32, device=device)
         return tokens, log_r
 
