@@ -1,11 +1,18 @@
-"""GFlowNet fine-tuning of a proposal policy (Hu et al., ICLR 2024), adapted to smclm's
-fixed-length targets σ(s) ∝ p₀(s)·φ(s) (baselines-spec B4).
+"""GFlowNet fine-tuning of a proposal policy (Hu et al., ICLR 2024), on smclm's fixed-length
+targets σ(s) ∝ p₀(s)·φ(s) (baselines-spec B4) and on variable-length ones (README "Stopping").
 
-The state graph is a tree of depth T (no termination action), the terminal reward is
-R(s) = σ̃(s) = p₀(s | s₀)·φ(s[, o]), optionally tempered to R^(1/τ_R) while training. Losses
-(``loss``), all with the samples treated as fixed:
+Fixed length: the state graph is a tree of depth T (no termination action), the terminal reward
+is R(s) = σ̃(s) = p₀(s | s₀)·φ(s[, o]), optionally tempered to R^(1/τ_R) while training. Stopping
+tasks (``task.stop``): the outputs are the finished sequences z = z_1:ℓ (z_ℓ a stop token ⊤,
+m = ``task.min_len`` ≤ ℓ ≤ T, the stop counted) with R(z) = σ̃(z) = p₀(z_1:ℓ | s₀)·φ(z), and
+the policy q is the sampler's **masked** proposal (no stop before step m, only stops at the cap
+T, each step renormalised over the allowed tokens): log q(z) = Σ_{t≤ℓ} log q_masked(z_t | z_<t),
+up to and including the stop, nothing after it; the forced stop at T has q = 1 for "some stop".
+Losses (``loss``), all with the samples treated as fixed:
 
-* ``tb`` (default): trajectory balance with a learned log Z_θ,
+* ``auto`` (the config's default): ``modified_subtb`` when the task stops, else ``tb`` (decided
+  in ``setup`` from the task; ``loss_kind`` reads ``tb`` until then).
+* ``tb`` (the fixed-length default): trajectory balance with a learned log Z_θ,
   L = mean_s (log Z_θ + log q_θ(s) − log R(s)/τ_R)². At τ_R = 1 this is (log Z_θ − log w)² with
   the SIS log-weight log w = log σ̃ − log q. ``log_z=scalar``: one parameter; ``log_z=conditional``
   (conditional tasks): log Z_θ(o) = a + wᵀ ĝ(o), ĝ(o) the policy's own o-encoding (no grad)
@@ -31,7 +38,41 @@ R(s) = σ̃(s) = p₀(s | s₀)·φ(s[, o]), optionally tempered to R^(1/τ_R) w
   configured twist only when ``loss=subtb``; it is zero-initialised, so F_t = p₀(s_1:t) at the
   start (the exact flow for φ ≡ 1), and trained with the policy in its own Adam group at the
   policy's learning rate. It is a separate network from the policy (B4.3: never tie f to the
-  policy's logit modifier).
+  policy's logit modifier). Stopping tasks: row n's trajectory ends at ℓ_n, log F_ℓ = log R/τ_R,
+  and its pairs are those with j ≤ ℓ_n (normalised per row, then the batch mean).
+* ``modified_subtb`` (stopping tasks only; the loss of all of Hu's experiments, baselines-spec
+  B2): every prefix is terminable, the reward of a prefix is the reward of "prefix + stop", and
+  there is no learned flow and no log Z. A finished z = z_1:ℓ has the states z_1:i, i = 0..ℓ−1
+  (the stop's own is not one). For state i
+
+      log R_i = log Σ_{v∈⊤} σ̃(z_1:i v)^(1/τ_R)   (one stop: log σ̃(z_1:i ⊤)/τ_R),
+      σ̃(z_1:i v) = p₀(z_1:i | s₀)·p₀(v | s₀, z_1:i)·φ(z_1:i v)  (p₀ unmasked, φ on "prefix + stop"),
+      log F_i = log R_i − log q(⊤ | z_1:i),   q(⊤ | ·) = Σ_{v∈⊤} q_masked(v | ·),
+
+  and with δ_i = log F_i + log q_masked(z_i+1 | z_1:i) − log F_i+1, C = [0, cumsum δ], the
+  residual of the pair i < j is Hu's Eq. 3,
+  log R_i + Σ_{k=i+1..j} log q(z_k | z_<k) + log q(⊤ | z_1:j) − log R_j − log q(⊤ | z_1:i)
+  = C_j − C_i, and
+
+      L = Σ_n Σ_{0≤i<j≤ℓ_n−1} λ^(j−i−1) (C_j − C_i)² / Σ_n Σ_{0≤i<j≤ℓ_n−1} λ^(j−i−1),
+
+  λ = ``subtb_lambda`` (1, Hu's: uniform over all pairs), normalised over the **whole batch**
+  as Hu's code (B2.3: long trajectories carry more pairs; a row with ℓ = 1 has none). The forced
+  stop at the cap is respected: the last state z_1:T−1 can only stop, q(⊤ | z_1:T−1) = 1, so
+  log F_T−1 = log R_T−1 (Hu's loss uses the unmasked policy there, the over-weighting of capped
+  sequences that the sampler's correction removes). Prefixes shorter than the minimum
+  (i + 1 < m: they may not stop) follow the spec (B2.1, Hu's code): log R_i = −99 (before the
+  division by τ_R), and they stay in the pairs; their q(⊤ | z_1:i) is the **unmasked** policy's
+  (the masked one is 0), a probability the sampler never uses, so −99 − log q(⊤ | z_1:i) acts
+  as a free, learned flow of that state (at the optimum q(⊤ | ∅) = e^−99/Z). Its initial value is
+  far from the true flow (≈ −97 instead of ≈ log Z), so with min_len > 1 the first updates have
+  losses of 10³–10⁴ (cf. gfn-lm-tuning#6). With one stop token the loss is zero iff the masked
+  q(z) ∝ R(z) on the batch's trajectories. With several stop tokens modified SubTB only fixes the
+  total stop probability, so the loss adds the mean over terminable states i and v ∈ ⊤ of
+  ε_i,v² (``stop_choice_loss``), ε_i,v = [log q(v | z_1:i) − log q(⊤ | z_1:i)] − [log R(z_1:i v)
+  − log R(z_1:i ⊤)] (identically 0 with one stop). Replayed sequences get their prefix rewards
+  recomputed (one p₀ pass, φ on every "prefix + stop": Σ_n (ℓ_n − m + 1)·|⊤| potential rows per
+  update, in one ``task.log_phi`` call).
 
 One update (B4.6), owned here (the trainer calls ``update``):
 
@@ -43,14 +84,17 @@ One update (B4.6), owned here (the trainer calls ``update``):
    log R = log p₀ + log φ comes from the sampler, untempered. Sampled batches (on-policy and
    tempered) are offered to the replay buffer (:mod:`smclm.methods.replay`; per prompt, top-k by
    log R, Hu's de-duplication; off by default on conditional tasks, whose o is fresh every update).
+   Stopping tasks: the buffer stores each finished z_1:ℓ unpadded (de-duplication on the
+   sequences themselves, as Hu's) and pads what it replays to T with the pad id.
 3. log q_θ(s) is recomputed at temperature 1 by one teacher-forced pass with grad (exact when
-   dropout is off; the sampler's log q is that of the tempered proposal). SubTB adds the twist's
-   flow head's log ψ, from the same base pass (``model.full_pass``).
+   dropout is off; the sampler's log q is that of the tempered proposal), masked as the sampler
+   masks on stopping tasks. SubTB adds the twist's flow head's log ψ, from the same base pass
+   (``model.full_pass``); modified SubTB takes its prefix rewards' p₀ from that pass too.
 4. One AdamW step (β = (0.9, 0.999), eps 1e-8, weight decay 0.01, no clipping): the policy with a
    linear warm-up lr·min(k/W, 1) over W = ``warmup`` updates (k = 0 at the first update, as in
    Hu's code), the flow head in its own group (same lr and warm-up, no weight decay), and log Z in
    its own Adam group at ``lr_z`` (no warm-up, no weight decay; the conditional weights w at
-   lr_z/d on standardised o-encodings, see :class:`LogZ`).
+   lr_z/d on standardised o-encodings, see :class:`LogZ`). Modified SubTB has no log Z group.
 
 log Z is initialised in ``setup`` to the mean tempered log-weight over ``pilot_samples`` on-policy
 samples (B4.2), so the expected ∂L/∂log Z is ≈ 0 at the start (cf. gfn-lm-tuning#6, initial losses
@@ -63,7 +107,8 @@ Metrics (per update):
 ``train/loss``        the loss (same as ``gfn/loss``)
 ``gfn/loss``          TB / VarGrad / SubTB loss of this update
 ``gfn/log_z_param``   log Z_θ (mean over rows for ``conditional``; the batch mean for ``batch_mean``);
-                      a parameter, **not** an estimate of log Z
+                      a parameter, **not** an estimate of log Z (not with ``modified_subtb``)
+``gfn/log_f0``        ``modified_subtb``: mean log F_0 = log R_0 − log q(⊤ | ∅), Z's analogue
 ``gfn/mean_log_w``    mean of log σ̃ − log q over the batch, on-policy updates only (an F_q estimate)
 ``gfn/behaviour``     0 on-policy, 1 replay, 2 tempered
 ``gfn/tau_pf``        sampling temperature of this update (1 for on-policy and replay)
