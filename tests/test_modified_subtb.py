@@ -20,7 +20,7 @@ from torch import nn
 from smclm.errors import ConfigError
 from smclm.evaluators.exact import solve
 from smclm.methods.base import TrainContext
-from smclm.methods.gfn import GFN, UNTERMINABLE_LOG_R
+from smclm.methods.gfn import GFN, UNTERMINABLE_LOG_R, subtb_loss
 from smclm.methods.replay import ReplayBuffer, edit_distances
 from smclm.models.policy import build_policy
 from smclm.models.twist import TabularTwist
@@ -202,6 +202,19 @@ def test_tb_on_a_stopping_task_uses_the_finished_sequence(toy_world):
     assert float(loss.detach()) < 1e-8
 
 
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_subtb_with_lengths_is_each_trajectory_cut_at_its_stop(lam):
+    """SubTB (learned flow) on a stopping task: row n's loss is the fixed-length loss of its
+    first ℓ_n residuals, whatever follows them (here NaN-free garbage), averaged over rows."""
+    gen = torch.Generator().manual_seed(0)
+    d = torch.randn(5, 6, generator=gen)
+    lengths = torch.tensor([1, 3, 6, 2, 4])
+    garbage = d.clone()
+    garbage[torch.arange(6)[None] >= lengths[:, None]] = 1e3
+    want = sum(subtb_loss(d[n : n + 1, : int(ell)], lam) for n, ell in enumerate(lengths)) / 5
+    torch.testing.assert_close(subtb_loss(garbage, lam, lengths), want)
+
+
 def test_the_loss_defaults_from_the_task(toy_world):
     """method.loss=auto (configs/method/gfn.yaml): modified SubTB when the task stops, TB on a
     fixed-length task; modified SubTB on a fixed-length task and a log Z kind with it are
@@ -272,3 +285,28 @@ def test_toy_gfn_with_stopping_halves_the_exact_kl(tmp_path):
     assert all("gfn/log_f0" in r and "gfn/log_z_param" not in r for r in updates)
     assert {r["gfn/behaviour"] for r in updates} == {0.0, 1.0, 2.0}
     assert kls[-1] <= 0.5 * kls[0], (kls[0], kls[-1])
+
+
+def test_resume_with_stopping_is_the_uninterrupted_run(tmp_path):
+    """2 updates, then 2 more from the checkpoint (optimiser and a buffer of variable-length
+    sequences in the learner's state) = 4 straight, on a stopping task with modified SubTB."""
+    from safetensors.torch import load_file
+
+    common = ["experiment=toy_gfn", "task.stop=[dog,a]", "task.output_len=4",
+              "train.progress=false", "train.eval_every=2", "seed=1"]  # fmt: skip
+
+    def rows(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [
+            {k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "compute/"))}
+            for x in lines
+        ]
+
+    train(make_cfg(*common, "train.updates=4"), tmp_path / "whole")
+    train(make_cfg(*common, "train.updates=2"), tmp_path / "split")
+    train(make_cfg(*common, "train.updates=4", "resume=true"), tmp_path / "split")
+    whole = load_file(str(tmp_path / "whole/checkpoints/step_4/params.safetensors"))
+    split = load_file(str(tmp_path / "split/checkpoints/step_4/params.safetensors"))
+    assert whole and all(torch.equal(whole[k], split[k]) for k in whole)
+    assert rows(tmp_path / "whole") == rows(tmp_path / "split")
+    assert any(r.get("gfn/buffer_size", 0) > 0 for r in rows(tmp_path / "whole"))
