@@ -37,15 +37,17 @@ def sample(cfg: DictConfig) -> None:
     if cond is not None:
         print(f"conditioning o: {world.tokenizer.decode(cond[0].tolist())!r}")
     print(f"{'weight':>8}  {'log w':>10}  {'log φ':>10}  text")
+    lengths = res.lengths.tolist() if res.lengths is not None else None
     for i in order.tolist():
-        text = world.tokenizer.decode(res.tokens[i].tolist())
+        row = res.tokens[i].tolist()
+        text = world.tokenizer.decode(row if lengths is None else row[: lengths[i]])
         print(
             f"{float(w[i]):8.4f}  {float(res.log_w[i]):10.3f}  {float(res.log_phi[i]):10.3f}  {text}"
         )
     n_res = sum(info.resampled for info in res.infos)
     print(
         f"log Z-hat = {res.log_z_hat:.4f}   final ESS = {res.ess:.1f}/{n}   resampled at "
-        f"{n_res}/{world.task.output_len} steps"
+        f"{n_res}/{len(res.infos)} steps"
     )
 
 
@@ -80,5 +82,7 @@ def collect(cfg: DictConfig) -> None:
         f"{pool.shape[0]} exact target samples of length {pool.shape[1]} are in "
         f"{cfg.exact_samples.cache_dir}"
     )
-    for row in pool[: min(5, pool.shape[0])].tolist():
-        print("  " + world.tokenizer.decode(row))
+    stopping = world.task.stopping
+    for row in pool[: min(5, pool.shape[0])]:
+        ell = pool.shape[1] if stopping is None else int(stopping.lengths(row[None])[0])
+        print("  " + world.tokenizer.decode(row[:ell].tolist()))

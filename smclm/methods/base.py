@@ -15,14 +15,27 @@ consecutive rows sharing an o; ``exact_pool`` then holds the exact s paired with
 
 A method that trains a *policy* (PPO, GFlowNet) owns its update instead (:class:`PolicyMethod`):
 the trainer calls ``setup`` once, then ``update(batch) -> metrics`` per update.
+
+Stopping tasks (``task.stopping``, README "Stopping"): every sample (SMC/SIS particles, p₀
+samples, exact samples) is a finished sequence z_1:ℓ padded to T after its stop. The helpers
+below are the learners' one view of that rule, all read from :class:`smclm.smc.sampler.Stopping`
+(the sampler's own definition): :func:`live_positions` (the steps t ≤ ℓ a loss may use; the
+stop step ℓ is where the twist's value of the stopped sequence, whose optimum is φ, is
+trained, as ψ_T is for a fixed-length task), :func:`proposal_log_softmax` (the proposal as the
+sampler masks it: no stop before ``min_len``, only stops at the cap) and
+:func:`log_p0_allowed` (log p₀ of the tokens that proposal allows: log p₀ − log q of the masked
+p₀ proposal, for learners that need p₀ expectations from its samples). Each returns the
+fixed-length answer unchanged, operation for operation, when the task does not stop.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smclm.errors import ConfigError
@@ -98,6 +111,7 @@ class TrainContext:
             temperature=temperature,
             pinned=pinned,
             n_runs=groups,
+            stopping=self.task.stopping,  # p₀ negatives (no_potential) stop as the task does
         )
 
     def weighted_positives(
@@ -133,6 +147,56 @@ class TrainContext:
             device=self.generator.device,
         )
         return self.exact_pool[idx.to(self.exact_pool.device)].to(self.model.device)
+
+
+def live_positions(task: Task, tokens: Tensor, lengths: Tensor | None = None) -> Tensor | None:
+    """Which steps of tokens [N, T] a loss uses: [N, T] bool, t ≤ ℓ of each row (its stop
+    included; ``lengths`` [N]: the sampler's ``SMCResult.lengths``, else read from the tokens by
+    ``Stopping.lengths``). None for a fixed-length task (every step counts)."""
+    stopping = task.stopping
+    if stopping is None:
+        return None
+    if lengths is None:
+        lengths = stopping.lengths(tokens)
+    pos = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+    return pos[None] <= lengths.to(tokens.device)[:, None]
+
+
+def allowed_steps(task: Task, t_len: int, vocab_size: int, device: torch.device) -> Tensor | None:
+    """[T, V] bool: the tokens the proposal may draw at each step t = 1..T
+    (``Stopping.allowed``); None for a fixed-length task (every token, every step)."""
+    stopping = task.stopping
+    if stopping is None:
+        return None
+    steps = range(1, t_len + 1)
+    return torch.stack([stopping.allowed(t, t_len, vocab_size, device) for t in steps])
+
+
+def proposal_log_softmax(task: Task, logits: Tensor) -> Tensor:
+    """log q_t(· | s_<t) [N, T, V] from the proposal's unnormalised per-step logits [N, T, V]
+    (log p₀ + log ψ, or a policy's log q), masked as the sampler masks them for a stopping
+    task; a plain log-softmax otherwise."""
+    allowed = allowed_steps(task, logits.shape[-2], logits.shape[-1], logits.device)
+    if allowed is None:
+        return F.log_softmax(logits, dim=-1)
+    return F.log_softmax(logits.masked_fill(~allowed, -math.inf), dim=-1)
+
+
+def log_p0_allowed(task: Task, log_p0_all: Tensor) -> Tensor | None:
+    """log p₀(allowed_t | s_<t) [N, T] from the teacher-forced log p₀ [N, T, V]: the mass the
+    masked p₀ proposal renormalises, i.e. log p₀(s_t) − log q(s_t) of every token it can draw
+    (0 where every token is allowed, m ≤ t < T). None for a fixed-length task."""
+    allowed = allowed_steps(task, log_p0_all.shape[-2], log_p0_all.shape[-1], log_p0_all.device)
+    if allowed is None:
+        return None
+    return torch.logsumexp(log_p0_all.masked_fill(~allowed, -math.inf), dim=-1)
+
+
+def masked_normalize(batch: TrainContext, log_w: Tensor, live: Tensor) -> Tensor:
+    """:meth:`TrainContext.normalize` of log_w [K, T] over the rows live at each step
+    (``live`` [K, T]); a step where no row (of a group) is live gets weight 0, not NaN."""
+    w = batch.normalize(log_w.masked_fill(~live, -math.inf))
+    return w.nan_to_num(nan=0.0)
 
 
 class Method(Protocol):

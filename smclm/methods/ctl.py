@@ -24,16 +24,35 @@ Samples (paper-spec §4.6):
 
 All weights are stop-grad; the gradient flows only through log ψ of one teacher-forced pass per
 sample set.
+
+Stopping tasks (README "Stopping"): ψ_t is an energy model of σ's prefixes that are still live at
+t (no stop before t; the stop step ℓ itself included, where the twist's value of the stopped
+sequence models φ). Each sample contributes the steps t ≤ ℓ of its own length
+(:func:`~smclm.methods.base.live_positions`); the negative weights w̄⁻_t are normalised over the
+particles live at t, with log q the sampler's masked proposal; and, as the positives' live mass
+at t is P_σ(ℓ ≥ t) < 1, the negative term at t is scaled by that mass (Σ_k w̄⁺_k 1[ℓ_k ≥ t]), so
+that the loss is the log-likelihood of the positives' own prefixes:
+
+    L = −(1/T) Σ_t [ Σ_k w̄⁺_k 1[ℓ_k ≥ t] log ψ_t(s⁺_k,1:t) − (Σ_k w̄⁺_k 1[ℓ_k ≥ t]) Σ_k w̄⁻_k,t log ψ_t(s_k,1:t) ],
+
+whose expected gradient vanishes at ψ* (π_t ∝ p₀ψ*_t is σ restricted to the prefixes live at t).
+A fixed-length task has every 1[ℓ_k ≥ t] = 1: the loss above, computed as before.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from smclm.errors import ConfigError
-from smclm.methods.base import TrainContext, check_positives, require_twist
+from smclm.methods.base import (
+    TrainContext,
+    check_positives,
+    live_positions,
+    masked_normalize,
+    proposal_log_softmax,
+    require_twist,
+)
 from smclm.smc.sampler import ess
 
 POSITIVES = ("sis", "exact", "csmc")
@@ -80,24 +99,42 @@ class CTL:
         log_p0_all, log_psi_all = model.forward_full(prompt, sis.tokens, batch.cond)
         idx = sis.tokens.unsqueeze(-1)
         log_psi = log_psi_all.gather(-1, idx).squeeze(-1)  # [K, T], with grad
+        live = live_positions(task, sis.tokens, sis.lengths)  # None: fixed length
         with torch.no_grad():
             log_p0 = log_p0_all.gather(-1, idx).squeeze(-1)
-            log_q = F.log_softmax(log_p0_all + log_psi_all, dim=-1).gather(-1, idx).squeeze(-1)
-            log_w_neg = log_p0.cumsum(1) + log_psi - log_q.cumsum(1)  # [K, T]: π_t / q
-            w_neg = batch.normalize(log_w_neg)
+            log_q_all = proposal_log_softmax(task, log_p0_all + log_psi_all)
+            log_q = log_q_all.gather(-1, idx).squeeze(-1)
+            if live is None:
+                log_w_neg = log_p0.cumsum(1) + log_psi - log_q.cumsum(1)  # [K, T]: π_t / q
+                w_neg = batch.normalize(log_w_neg)
+            else:  # π_t / q over the particles live at t (each sum stops at its ℓ)
+                log_p0, log_q = log_p0.masked_fill(~live, 0.0), log_q.masked_fill(~live, 0.0)
+                log_w_neg = log_p0.cumsum(1) + log_psi - log_q.cumsum(1)
+                log_w_neg = log_w_neg.masked_fill(~live, -torch.inf)
+                w_neg = masked_normalize(batch, log_w_neg, live)
         neg = _weighted_sum(w_neg, log_psi)  # [T]
 
         if pos_tokens is None:
             w_pos = batch.normalize(sis.log_w)  # log p₀ + log φ − log q at T
-            pos = _weighted_sum(w_pos[:, None], log_psi)
             pos_ess = ess(sis.log_w) / k
+            pos, live_pos, log_psi_pos = None, live, log_psi
         else:
             _, log_psi_pos_all = model.forward_full(prompt, pos_tokens, batch.cond)
             log_psi_pos = log_psi_pos_all.gather(-1, pos_tokens.unsqueeze(-1)).squeeze(-1)
+            live_pos = live_positions(task, pos_tokens)
+            pos = None
             if w_pos is None:  # exact positives, uniform weights
-                pos, pos_ess = log_psi_pos.mean(0), 1.0
-            else:
-                pos = _weighted_sum(w_pos[:, None], log_psi_pos)
+                pos_ess = 1.0
+                if live_pos is None:
+                    pos = log_psi_pos.mean(0)
+                else:
+                    w_pos = torch.full((k,), 1.0 / k, device=log_psi_pos.device)
+        if pos is None and live_pos is None:
+            pos = _weighted_sum(w_pos[:, None], log_psi_pos)
+        elif pos is None:
+            w_live = w_pos[:, None] * live_pos  # [K, T]: each positive's own steps
+            pos = _weighted_sum(w_live, log_psi_pos)
+            neg = neg * w_live.sum(0)  # the positives' live mass P_σ(ℓ ≥ t)
         loss = -(pos - neg).mean()
 
         metrics = {

@@ -14,6 +14,13 @@ Samples (paper-spec §4.6):
 * ``positives="sis"`` (default): one SIS run (no resampling) from q^π with K particles and the
   φ weights w̄ = softmax(log p₀ + log φ − log q) (the run's final log-weights).
 * ``positives="exact"``: K exact target samples with uniform weights (no SIS run).
+
+Stopping tasks (README "Stopping"): q^π is the sampler's masked proposal (no stop before
+``min_len``, only stops at the cap), log q^π(z) = Σ_{t ≤ ℓ} log q^π_t, and each sample's sum runs
+over its own steps t ≤ ℓ (:func:`~smclm.methods.base.live_positions`), still divided by the cap T
+(a per-length mean would weight short outputs up and move the optimum away from σ):
+
+    L = −Σ_k w̄_k (1/T) Σ_{t ≤ ℓ_k} [ log ψ_t(s_k,1:t) − Σ_v sg(q_t(v | s_k,<t)) log ψ_t(s_k,<t, v) ].
 """
 
 from __future__ import annotations
@@ -21,7 +28,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smclm.methods.base import TrainContext, check_positives, require_twist
+from smclm.methods.base import (
+    TrainContext,
+    check_positives,
+    live_positions,
+    proposal_log_softmax,
+    require_twist,
+)
 
 POSITIVES = ("sis", "exact")
 
@@ -44,12 +57,22 @@ class DPG:
 
         log_p0_all, log_psi_all = model.forward_full(prompt, tokens, batch.cond)
         log_psi = log_psi_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [K, T]
+        live = live_positions(task, tokens)  # None: fixed length
         with torch.no_grad():
-            q_all = torch.softmax(log_p0_all + log_psi_all, dim=-1)  # [K, T, V]
-            log_q = q_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log().sum(1)  # [K]
+            if live is None:
+                q_all = torch.softmax(log_p0_all + log_psi_all, dim=-1)  # [K, T, V]
+                log_q = q_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log().sum(1)  # [K]
+            else:  # the masked proposal, summed up to each sample's stop
+                q_all = proposal_log_softmax(task, log_p0_all + log_psi_all).exp()
+                q_all = q_all.masked_fill(~live[..., None], 0.0)  # no step after the stop
+                log_q_t = q_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()
+                log_q = log_q_t.masked_fill(~live, 0.0).sum(1)
         # Σ_v q_t(v) log ψ_t(·, v); tokens q gives no mass to contribute 0 even if log ψ = −∞.
         expected = (q_all * log_psi_all.masked_fill(q_all == 0, 0.0)).sum(-1)  # [K, T]
-        per_seq = (log_psi - expected).mean(1)  # (1/T) Σ_t ∇-surrogate of log q^π_t(s_t)
+        if live is None:
+            per_seq = (log_psi - expected).mean(1)  # (1/T) Σ_t ∇-surrogate of log q^π_t(s_t)
+        else:  # the steps after the stop carry nothing
+            per_seq = (log_psi - expected).masked_fill(~live, 0.0).sum(1) / tokens.shape[1]
         loss = -(w * per_seq.masked_fill(w == 0, 0.0)).sum()
         metrics.update(
             {

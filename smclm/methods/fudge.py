@@ -20,6 +20,14 @@ Requirements and numerics:
 * log(1 − eˣ) is computed stably (log(−expm1 x) near 0, log1p(−eˣ) below −log 2) with x capped at
   −1e-6 in value only (the gradient passes through unchanged), so ψ → 1 costs a large but finite
   loss instead of −∞.
+
+Stopping tasks (README "Stopping"): the optimum is ψ*_t(z_1:t) = E_p₀[φ(z)·1(m ≤ ℓ ≤ T) | z_1:t] on
+the prefixes live at t (the stop step ℓ included, where ψ* = φ). The p₀ samples come from the
+sampler's masked proposal q (no stop before ``min_len``, a forced stop at the cap), so the label
+of step t is importance-corrected by its suffix: y_k,t = φ(z_k) · p₀(z_k,t+1:ℓ | z_k,1:t) /
+q(z_k,t+1:ℓ | z_k,1:t) = φ(z_k) · Π_{t < i ≤ ℓ} p₀(allowed_i | z_k,<i) ∈ [0, φ]
+(:func:`~smclm.methods.base.log_p0_allowed`), whose expectation given the prefix is ψ*_t. The
+mean runs over the live steps t ≤ ℓ_k only (:func:`~smclm.methods.base.live_positions`).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import torch
 from torch import Tensor
 
 from smclm.errors import ConfigError
-from smclm.methods.base import TrainContext, require_twist
+from smclm.methods.base import TrainContext, live_positions, log_p0_allowed, require_twist
 
 POSITIVES = ("p0", "sis")
 _X_MAX = -1e-6
@@ -68,24 +76,41 @@ class FUDGE:
             )
         prompt = task.prompt_ids
         with torch.no_grad():
-            tokens = batch.sample(ess_threshold=0.0, p0=True, potential=False).tokens
+            sample = batch.sample(ess_threshold=0.0, p0=True, potential=False)
+            tokens = sample.tokens
             log_phi = task.log_phi(tokens, batch.cond)
             labels = log_phi.exp().clamp(0.0, 1.0)[:, None]  # [K, 1], the same for every t
 
-        _, log_psi_all = model.forward_full(prompt, tokens, batch.cond)
+        log_p0_all, log_psi_all = model.forward_full(prompt, tokens, batch.cond)
         log_psi = log_psi_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [K, T]
+        live = live_positions(task, tokens, sample.lengths)  # None: fixed length
+        if live is not None:
+            log_psi = log_psi.masked_fill(~live, -1.0)  # any value: these steps carry nothing
         if (log_psi.detach() > 0).any():
             raise ConfigError(
                 "fudge needs log ψ ≤ 0 (ψ is a probability), but the twist returned log ψ > 0; "
                 "set twist.squash=logsigmoid"
             )
+        if live is not None:
+            with torch.no_grad():  # y_k,t = φ(z_k) · p₀/q of the suffix after t
+                log_ratio = log_p0_allowed(task, log_p0_all)
+                assert log_ratio is not None
+                log_ratio = log_ratio.masked_fill(~live, 0.0)
+                suffix = log_ratio.sum(1, keepdim=True) - log_ratio.cumsum(1)
+                labels = (labels * suffix.exp()).clamp(0.0, 1.0)  # [K, T]
         pos = labels * log_psi.masked_fill(labels == 0, 0.0)  # 0·(−∞) counts as 0
         neg = (1 - labels) * log1mexp(log_psi).masked_fill(labels == 1, 0.0)
-        loss = -(pos + neg).mean()
+        if live is None:
+            loss = -(pos + neg).mean()
+        else:  # the mean over the live steps
+            loss = -(pos + neg).masked_fill(~live, 0.0).sum() / live.sum()
+        shown_psi, shown_labels = log_psi.detach(), labels
+        if live is not None:  # the live steps only
+            shown_psi, shown_labels = shown_psi[live], labels[live]
         metrics = {
             "train/loss": float(loss.detach()),
-            "train/label_mean": float(labels.mean()),
-            "train/log_psi_mean": float(log_psi.detach().mean()),
-            "train/psi_mean": float(log_psi.detach().exp().mean()),
+            "train/label_mean": float(shown_labels.mean()),
+            "train/log_psi_mean": float(shown_psi.mean()),
+            "train/psi_mean": float(shown_psi.exp().mean()),
         }
         return loss, metrics

@@ -37,6 +37,15 @@ Metrics (spec A7.4): ``ppo/reward`` mean R; ``ppo/kl`` mean_b Σ_t (log q_old �
 minibatch averages ``ppo/{policy_loss,value_loss,clipfrac,vf_clipfrac,approxkl,policykl,entropy,
 value_error,ratio_mean}``; ``ppo/skipped_minibatches``; ``ppo/{return_mean,value_mean}``;
 ``time/ppo_{rollout,optimize}_s``.
+
+Stopping tasks (README "Stopping"): a sample is a finished sequence z_1:ℓ padded to T, and the
+episode ends at its stop. log q is the sampler's masked proposal (no stop before ``min_len``,
+only stops at the cap; :func:`~smclm.methods.base.proposal_log_softmax`), so Σ_t r_t = log w / β
+still holds with log w = log p₀ + log φ − log q of the finished sequence; the score R is paid on
+the stop token (step ℓ); the steps after it (:func:`~smclm.methods.base.live_positions`) have no
+reward, value, advantage or loss (V_{ℓ+1} = 0 in GAE; the whitening, the policy and value losses
+and their statistics are means over the live tokens). A fixed-length task computes exactly what
+it did before.
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smclm.errors import ConfigError, UserError
-from smclm.methods.base import TrainContext
+from smclm.methods.base import TrainContext, live_positions, proposal_log_softmax
 from smclm.models.twisted_lm import TwistedLM
 from smclm.smc.sampler import SMCResult
 
@@ -69,13 +78,25 @@ FIDELITY = ("freeze_value_head", "reset_rng_to_zero", "sample_in_train_mode")
 
 
 def token_rewards(
-    log_q: Tensor, log_p0: Tensor, score: Tensor, kl_coef: float, estimator: str = "k1"
+    log_q: Tensor,
+    log_p0: Tensor,
+    score: Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+    live: Tensor | None = None,
 ) -> Tensor:
     """r_t = −c·kl_t, plus the score R [B] on the last token. log_q, log_p0: [B, T] gathered.
 
     k1: kl_t = log q − log p₀ (the reference; Σ_t r_t = R − c·log(q/p₀)(s)).
     k3: kl_t = (p₀/q − 1) − log(p₀/q) ≥ 0 (lower variance per token, not an identity in sum).
+    live [B, T] (stopping tasks): r_t = 0 after each row's stop ℓ, and R is paid at step ℓ.
     """
+    if live is not None:
+        zero = torch.zeros((), dtype=log_q.dtype, device=log_q.device)
+        log_q, log_p0 = torch.where(live, log_q, zero), torch.where(live, log_p0, zero)
+        rewards = token_rewards(log_q, log_p0, torch.zeros_like(score), kl_coef, estimator)
+        last = (live.sum(1) - 1).clamp(min=0)[:, None]  # the stop's column, ℓ − 1
+        return rewards.scatter_add(1, last, score[:, None].to(rewards.dtype))
     if estimator == "k1":
         kl = log_q - log_p0
     else:
@@ -101,9 +122,13 @@ def gae(rewards: Tensor, values: Tensor, gamma: float, lam: float) -> Tensor:
     return adv
 
 
-def whiten(x: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x − mean) / sqrt(var + eps) over all entries, with the unbiased variance (TRL ``whiten``)."""
-    return (x - x.mean()) * torch.rsqrt(x.var(unbiased=True) + eps)
+def whiten(x: Tensor, eps: float = 1e-8, live: Tensor | None = None) -> Tensor:
+    """(x − mean) / sqrt(var + eps) over all entries, with the unbiased variance (TRL ``whiten``).
+    live (stopping tasks): mean and variance over the live entries; the others become 0."""
+    if live is None:
+        return (x - x.mean()) * torch.rsqrt(x.var(unbiased=True) + eps)
+    vals = x[live]
+    return ((x - vals.mean()) * torch.rsqrt(vals.var(unbiased=True) + eps)).masked_fill(~live, 0.0)
 
 
 def ppo_loss(
@@ -116,10 +141,25 @@ def ppo_loss(
     cliprange: float,
     cliprange_value: float,
     vf_coef: float,
+    live: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped policy loss + vf_coef · clipped value loss on a minibatch (all inputs [b, T]).
 
-    Returns the loss and detached statistics (means over the b·T tokens)."""
+    Returns the loss and detached statistics (means over the b·T tokens; with ``live`` [b, T],
+    a stopping task's steps up to each stop, over those tokens only)."""
+    if live is not None:
+        return _masked_ppo_loss(
+            log_q,
+            log_q_old,
+            values,
+            values_old,
+            advantages,
+            returns,
+            cliprange,
+            cliprange_value,
+            vf_coef,
+            live,
+        )
     log_ratio = log_q - log_q_old
     ratio = torch.exp(log_ratio)
     pg1 = -advantages * ratio
@@ -145,6 +185,49 @@ def ppo_loss(
     return loss, stats
 
 
+def _masked_ppo_loss(
+    log_q: Tensor,
+    log_q_old: Tensor,
+    values: Tensor,
+    values_old: Tensor,
+    advantages: Tensor,
+    returns: Tensor,
+    cliprange: float,
+    cliprange_value: float,
+    vf_coef: float,
+    live: Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`ppo_loss` with every mean over the live tokens (live [b, T] bool)."""
+    n = live.sum().clamp(min=1)
+
+    def mean(x: Tensor) -> Tensor:
+        return x.masked_fill(~live, 0.0).sum() / n
+
+    log_ratio = (log_q - log_q_old).masked_fill(~live, 0.0)
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = mean(torch.maximum(pg1, pg2))
+    v_clipped = values_old + torch.clamp(values - values_old, -cliprange_value, cliprange_value)
+    vf1 = (values - returns) ** 2
+    vf2 = (v_clipped - returns) ** 2
+    vf_loss = 0.5 * mean(torch.maximum(vf1, vf2))
+    loss = pg_loss + vf_coef * vf_loss
+    with torch.no_grad():
+        stats = {
+            "policy_loss": pg_loss.detach(),
+            "value_loss": vf_loss.detach(),
+            "clipfrac": mean((pg2 > pg1).float()),
+            "vf_clipfrac": mean((vf2 > vf1).float()),
+            "approxkl": 0.5 * mean(log_ratio**2),
+            "policykl": mean(-log_ratio),
+            "value_error": mean(vf1),
+            "ratio_mean": mean(ratio),
+            "ratio_max_dev": (ratio - 1.0).masked_fill(~live, 0.0).abs().max(),
+        }
+    return loss, stats
+
+
 # -- the method -----------------------------------------------------------------------------------
 
 
@@ -164,6 +247,7 @@ class Rollout:
     advantages: Tensor  # unwhitened A
     returns: Tensor  # A + V
     adv_hat: Tensor  # whitened A (what the policy loss uses)
+    live: Tensor | None = None  # [B, T] the steps up to each stop (stopping tasks); None: all
 
 
 def _options(value: Any, defaults: dict[str, Any], key: str) -> dict[str, Any]:
@@ -376,10 +460,17 @@ class PPO:
         return float(getattr(batch.task, "beta", 1.0))
 
     def _policy_pass(
-        self, model: TwistedLM, ids: Tensor, hidden: Tensor, tokens: Tensor, cond: Tensor | None
+        self,
+        model: TwistedLM,
+        ids: Tensor,
+        hidden: Tensor,
+        tokens: Tensor,
+        cond: Tensor | None,
+        task: Any = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher-forced gathered log q [n, T], values [n, T] (state before s_t) and the full
-        log q [n, T, V], with grad through the policy and the value head."""
+        log q [n, T, V], with grad through the policy and the value head. A stopping ``task``:
+        log q is the proposal as the sampler masks it."""
         start = ids.shape[1] - tokens.shape[1]  # = P − 1
         policy: Any = model.policy
         logits, feats = policy.full_with_features(ids, hidden, start, cond)
@@ -389,6 +480,8 @@ class PPO:
             log_q_all = model.policy_log_q(log_p0_all, logits)
         else:  # full / lora: the copy's own logits (no p₀ needed)
             log_q_all = F.log_softmax(logits.float(), dim=-1)
+        if task is not None and task.stopping is not None:
+            log_q_all = proposal_log_softmax(task, log_q_all)
         log_q = log_q_all.gather(-1, tokens[..., None]).squeeze(-1)
         values = self.value_head(feats.float()).squeeze(-1)
         return log_q, values, log_q_all
@@ -417,16 +510,32 @@ class PPO:
         log_p0 = (
             model.log_p0_from_hidden(hidden[:, start:]).gather(-1, tokens[..., None]).squeeze(-1)
         )
-        log_q, values, _ = self._policy_pass(model, ids, hidden, tokens, cond)
+        log_q, values, _ = self._policy_pass(model, ids, hidden, tokens, cond, task)
         beta = self.beta(batch)
         kl_coef = 1.0 / beta if self.kl_coef is None else self.kl_coef
         score = sample.log_phi.float() / beta
-        rewards = token_rewards(log_q, log_p0, score, kl_coef, self.kl_estimator)
+        live = live_positions(task, tokens, sample.lengths)  # None: fixed length
+        if live is not None:  # nothing after the stop: V_{ℓ+1} = 0, r_t = 0 for t > ℓ
+            log_q, log_p0 = log_q.masked_fill(~live, 0.0), log_p0.masked_fill(~live, 0.0)
+            values = values.masked_fill(~live, 0.0)
+        rewards = token_rewards(log_q, log_p0, score, kl_coef, self.kl_estimator, live)
         adv = gae(rewards, values, self.gamma, self.lam)
         returns = adv + values
-        adv_hat = whiten(adv) if self.whiten_advantages else adv
+        adv_hat = whiten(adv, live=live) if self.whiten_advantages else adv
         return Rollout(
-            sample, ids, hidden, cond, log_q, log_p0, values, score, rewards, adv, returns, adv_hat
+            sample,
+            ids,
+            hidden,
+            cond,
+            log_q,
+            log_p0,
+            values,
+            score,
+            rewards,
+            adv,
+            returns,
+            adv_hat,
+            live,
         )
 
     def update(self, batch: TrainContext) -> dict[str, float]:
@@ -448,8 +557,9 @@ class PPO:
                 cond = None if ro.cond is None else ro.cond[idx.to(ro.cond.device)]
                 tokens = ro.sample.tokens[idx]
                 log_q, values, log_q_all = self._policy_pass(
-                    model, ro.ids[idx], ro.hidden[idx], tokens, cond
+                    model, ro.ids[idx], ro.hidden[idx], tokens, cond, batch.task
                 )
+                live = None if ro.live is None else ro.live[idx]
                 loss, st = ppo_loss(
                     log_q,
                     ro.log_q[idx],
@@ -460,9 +570,14 @@ class PPO:
                     self.cliprange,
                     self.cliprange_value,
                     self.vf_coef,
+                    live,
                 )
                 with torch.no_grad():
-                    st["entropy"] = -(log_q_all.exp() * log_q_all).sum(-1).mean()
+                    if live is None:
+                        st["entropy"] = -(log_q_all.exp() * log_q_all).sum(-1).mean()
+                    else:  # masked tokens (q = 0) add nothing; the mean over live steps
+                        plogp = log_q_all.exp() * log_q_all.masked_fill(log_q_all == -torch.inf, 0)
+                        st["entropy"] = -plogp.sum(-1)[live].mean()
                 stats = {k: float(v) for k, v in st.items()}
                 skip = stats["ratio_mean"] > self.ratio_threshold
                 stats["skipped"] = float(skip)
@@ -488,8 +603,8 @@ class PPO:
             "train/f_q": beta * float(ro.rewards.sum(1).mean()),
             "ppo/reward": float(ro.score.mean()),
             "ppo/kl": float((ro.log_q - ro.log_p0).sum(1).mean()),
-            "ppo/return_mean": float(ro.returns.mean()),
-            "ppo/value_mean": float(ro.values.mean()),
+            "ppo/return_mean": float(_mean(ro.returns, ro.live)),
+            "ppo/value_mean": float(_mean(ro.values, ro.live)),
             "ppo/skipped_minibatches": float(skipped),
             "time/ppo_rollout_s": t1 - t0,
             "time/ppo_optimize_s": t2 - t1,
@@ -507,3 +622,8 @@ class PPO:
         ):
             metrics[f"ppo/{key}"] = sum(s[key] for s in stats_all) / len(stats_all)
         return metrics
+
+
+def _mean(x: Tensor, live: Tensor | None) -> Tensor:
+    """The mean of x over its entries, or over the live ones (stopping tasks)."""
+    return x.mean() if live is None else x[live].mean()
