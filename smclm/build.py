@@ -190,6 +190,8 @@ def build_world(cfg: DictConfig) -> World:
     policy = build_policy_from_config(cfg, base, device) if need.policy else None
     model = TwistedLM(base, twist, policy)
     task = build_task(cfg.task, tokenizer, base, device)
+    if task.logit_bias is not None:  # the task's p̃₀ ∝ exp(logits + b), for p₀ and the policy
+        model.set_logit_bias(task.logit_bias)
     check_context(base, task, str(cfg.model.name))  # prompt + T (+ c) fit, before any sampling
     return World(model, tokenizer, task, device, learner)
 

@@ -187,6 +187,10 @@ RANGES: tuple[tuple[str, str, str], ...] = (
     ("task.threshold", "finite", "-5.0"),
     ("task.target_class", "int>0", "1"),
     ("task.classifier_batch_size", "int>0", "128"),
+    ("task.n_train", "int>0", "50"),  # next_sentence: training prompts (lines 1..n_train)
+    ("task.n_test", "int>=0", "10"),  # next_sentence: test prompts (the next n_test lines)
+    ("task.prompt_index", "int>=0", "0"),  # next_sentence: which prompt of task.split
+    ("task.penalty", "finite", "-50.0"),  # next_sentence: logit penalty on banned tokens
     ("exact_samples.n", "int>0", "256"),
     ("exact_samples.batch_size", "int>0", "4096"),
     ("exact_samples.max_draws", "int>0", "10000000"),

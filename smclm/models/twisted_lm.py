@@ -37,7 +37,8 @@ def output_logits(base: nn.Module, h: Tensor) -> Tensor:
     body (``base.base_model``): its output head, then the transforms that some architectures'
     forwards apply after the head: Gemma's soft-capping (``final_logit_softcapping``), Granite's
     ``logits_scaling`` and Cohere's ``logit_scale``. :func:`check_output_head` refuses a model
-    whose own logits this does not reproduce."""
+    whose own logits this does not reproduce. A task's logit bias (:func:`set_logit_bias`) is
+    added last: the task's base distribution p̃₀ ∝ exp(logits + b)."""
     x = base.get_output_embeddings()(h).float()
     scale = _config_number(base.config, "logit_scale")
     if scale is not None:
@@ -48,7 +49,31 @@ def output_logits(base: nn.Module, h: Tensor) -> Tensor:
     cap = _config_number(base.config, "final_logit_softcapping")
     if cap is not None and cap > 0:
         x = torch.tanh(x / cap) * cap
+    bias = getattr(base, LOGIT_BIAS, None)
+    if bias is not None:  # a task's logit bias (set_logit_bias); absent: the model's own logits
+        x = x + bias.to(x.device)
     return x
+
+
+# the attribute of a causal LM that holds a task's logit bias [V] (a plain attribute, not a
+# buffer: it is not a parameter of the model and stays out of checkpoints)
+LOGIT_BIAS = "smclm_logit_bias"
+
+
+def set_logit_bias(lm: nn.Module, bias: Tensor | None) -> None:
+    """Make :func:`output_logits` of the causal LM ``lm`` add ``bias`` [V] (None: remove it)."""
+    if bias is None:
+        if LOGIT_BIAS in lm.__dict__:
+            del lm.__dict__[LOGIT_BIAS]
+        return
+    if bias.shape != (vocab_size(lm),):
+        raise ValueError(
+            f"a logit bias of shape {tuple(bias.shape)} does not fit the model's "
+            f"{vocab_size(lm)} logits"
+        )
+    object.__setattr__(
+        lm, LOGIT_BIAS, bias.detach().float().to(lm.get_output_embeddings().weight.device)
+    )
 
 
 def vocab_size(base: nn.Module) -> int:
@@ -161,6 +186,14 @@ class TwistedLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.base.parameters()).device
+
+    def set_logit_bias(self, bias: Tensor | None) -> None:
+        """A task's logit bias b [V] on every causal LM here whose logits are p₀ or a policy's
+        (the base, a full/LoRA policy's copy): log p₀ becomes log_softmax(logits + b)."""
+        for m in self.modules():
+            get_head = getattr(m, "get_output_embeddings", None)
+            if callable(get_head) and get_head() is not None and m is not self:
+                set_logit_bias(m, bias)
 
     def log_p0_from_hidden(self, h: Tensor) -> Tensor:
         """log p₀ (float32) from the base body's hidden states [..., d]."""

@@ -16,6 +16,11 @@ and σ̃(z) = p₀(z_1:ℓ)·φ(z). The potential is called on finished sequence
 ending in their stop (rows of one call share ℓ); the sampler pads them to T with the first stop
 id. Empty ``stop_ids``: every output has exactly T tokens, as before.
 
+A task may carry a ``logit_bias`` b [V] (None for most): then its base distribution is
+p̃₀ ∝ exp(logits + b), which the model uses everywhere p₀'s logits are made (sampling, teacher
+forcing, rewards, a full/LoRA policy's logits; :func:`smclm.models.twisted_lm.output_logits`),
+handed to it by :func:`smclm.build.build_world` (e.g. next_sentence's −50 on banned tokens).
+
 Conditional tasks (``cond_len`` = c > 0, infilling) condition on c tokens o that follow the
 output: their exact target samples come from joint sampling (``sample_joint``): draw T + c tokens
 from p₀; the first T are an exact sample of σ(· | o) for the o formed by the last c.
@@ -45,6 +50,7 @@ class Task:
     beta: float = 1.0
     stop_ids: tuple[int, ...] = ()  # ⊤; empty: fixed length T
     min_len: int = 1  # m, the shortest finished output (the stop counted); with stop_ids only
+    logit_bias: Tensor | None = None  # [V] added to p₀'s logits everywhere (None: none)
 
     def __post_init__(self) -> None:
         self.stop_ids = tuple(int(i) for i in self.stop_ids)

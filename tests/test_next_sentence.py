@@ -1,0 +1,204 @@
+"""task=next_sentence (issue 23; Hu et al. §4.1): the banned list rebuilt per tokenizer (a tiny
+GPT-2-style byte-level BPE and SmolLM2's real one), the logit bias applied to p₀ by the model,
+the prompt sets, and a training run end to end through the CLI on a tiny GPT-2."""
+
+import pytest
+import torch
+from conftest import run_smclm
+from hydra import compose, initialize_config_module
+
+from smclm.build import build_world
+from smclm.errors import ConfigError
+from smclm.tasks.next_sentence import (
+    BANNED,
+    banned_token_ids,
+    builtin_prompts,
+    load_prompts,
+)
+
+# Each should be banned wherever it is one token; with and without a leading space.
+MUST_BAN = ["?", "!", "\n", "A", " A", "Z", " Mr", "Mr", " Dr", " St", " etc", " No", '"', "..."]
+MUST_KEEP = [" the", " cat", "."]
+
+
+def gpt2_style_tokenizer():
+    """A small GPT-2-style byte-level BPE (Ġ space markers, <|endoftext|> as EOS), trained on
+    the built-in prompts and text with the banned strings, so that they are single tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = builtin_prompts() * 3
+    corpus += [
+        'Mr Smith and Dr Who met St Paul. A cat sat. Z is "odd", etc. No way?! ...\nthe cat.'
+    ] * 20
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A tiny random GPT-2 with the GPT-2-style tokenizer, saved for from_pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = gpt2_style_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    path = tmp_path_factory.mktemp("next_sentence_gpt2")
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from smclm.models import gguf
+
+    return AutoTokenizer.from_pretrained(str(gguf.dequantised_dir(gguf.packaged_gguf("smollm2"))))
+
+
+def one_token(tok, text):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
+def check_banned_list(tok):
+    v = len(tok)
+    banned = set(banned_token_ids(tok, v))
+    single = {s: one_token(tok, s) for s in MUST_BAN + MUST_KEEP}
+    present = [s for s in MUST_BAN if single[s] is not None]
+    assert len(present) >= 10, f"too few of {MUST_BAN} are single tokens: {present}"
+    for s in present:
+        assert single[s] in banned, f"{s!r} (id {single[s]}) is not banned"
+    for s in MUST_KEEP:
+        assert single[s] is not None and single[s] not in banned, f"{s!r} is banned"
+    assert tok.eos_token_id in banned
+    stop = tok("A sentence.", add_special_tokens=False)["input_ids"][-1]
+    assert stop == single["."]  # the paper's stop id: the last token of "A sentence."
+    assert 0 < len(banned) < v // 2
+    return banned
+
+
+def test_the_banned_list_resolves_on_a_gpt2_style_tokenizer():
+    tok = gpt2_style_tokenizer()
+    assert tok.convert_ids_to_tokens(one_token(tok, " cat"))[0] == "Ġ"  # GPT-2's space marker
+    banned = check_banned_list(tok)
+    # every single capital letter (a byte-level token) is banned
+    assert {one_token(tok, chr(c)) for c in range(65, 91)} <= banned
+
+
+def test_the_banned_list_resolves_on_smollm2s_tokenizer(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    banned = check_banned_list(tok)
+    assert {0, 1, 2} <= banned  # <|endoftext|>, <|im_start|>, <|im_end|>
+    assert one_token(tok, "U.S") is None  # several tokens: no assertion that entries are single
+    assert "U.S" in BANNED
+
+
+def test_the_logit_bias_is_applied_to_p0_everywhere(tiny_gpt2_dir):
+    with initialize_config_module("smclm.configs", version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["task=next_sentence", f"model.name={tiny_gpt2_dir}", "device=cpu"],
+        )
+    world = build_world(cfg)
+    model, task, tok = world.model, world.task, world.tokenizer
+    bias = task.logit_bias
+    banned = (bias < 0).nonzero().squeeze(1)
+    assert float(bias[banned[0]]) == -50.0 and int(bias.ne(0).sum()) == banned.numel()
+    tokens = torch.tensor([[one_token(tok, " cat"), one_token(tok, "?"), task.stop_ids[0]]])
+    log_p0, _ = model.forward_full(task.prompt_ids, tokens)  # teacher forcing
+    ids = torch.cat([task.prompt_ids[None], tokens[:, :-1]], dim=1)
+    with torch.no_grad():
+        raw = model.base(input_ids=ids).logits[:, task.prompt_ids.numel() - 1 :].float()
+    expected = torch.log_softmax(raw + bias, dim=-1)
+    torch.testing.assert_close(log_p0, expected, rtol=0, atol=1e-5)
+    assert float(log_p0[0, 1, one_token(tok, "?")]) < float(raw.log_softmax(-1)[0, 1].min()) - 40
+    # incremental sampling sees the same p̃₀
+    _, dists = model.start(task.prompt_ids, 1)
+    torch.testing.assert_close(dists.log_p0[0], expected[0, 0], rtol=0, atol=1e-5)
+    # the bias is the model's, not the checkpoint's: the state dict holds no copy of it
+    assert not any("smclm" in k for k in model.state_dict())
+    # a full (or LoRA) policy, a copy of the LM, gets the same bias: at the start log q = log p̃₀
+    from smclm.models.policy import build_policy
+    from smclm.models.twisted_lm import TwistedLM
+
+    with_policy = TwistedLM(model.base, None, build_policy("full", model.base))
+    with_policy.set_logit_bias(bias)
+    log_p0_again, log_q = with_policy.policy_full(task.prompt_ids, tokens)
+    torch.testing.assert_close(log_p0_again, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(log_q.detach(), expected, rtol=0, atol=1e-5)
+
+
+def test_builtin_prompts_are_deterministic_and_the_split_is_disjoint(tmp_path):
+    a, b = builtin_prompts(), builtin_prompts()
+    assert a == b and len(set(a)) == 60
+    train, test = load_prompts("builtin", 50, 10)
+    assert len(train) == 50 and len(test) == 10 and not set(train) & set(test)
+    assert all(s.endswith(".") and s[0].isupper() for s in a)
+    f = tmp_path / "prompts.txt"
+    f.write_text("One prompt. \nTwo prompts.\nThree.\n")
+    assert load_prompts(str(f), 2, 1) == (["One prompt. ", "Two prompts."], ["Three."])
+    with pytest.raises(ConfigError, match=r"has 3 prompts, fewer than task.n_train \+ task.n_test"):
+        load_prompts(str(f), 3, 1)
+
+
+def test_train_next_sentence_end_to_end_from_the_cli(tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "run"
+    res = run_smclm(
+        "train",
+        "task=next_sentence",
+        f"model.name={tiny_gpt2_dir}",
+        "method=ctl",
+        "train.updates=1",
+        "train.eval_every=1",
+        "train.progress=false",
+        "smc.n_particles=4",
+        "evaluator=bounds",
+        "evaluator.particles=[4]",
+        "evaluator.n_exact=2",
+        "evaluator.proposals=[twist]",
+        "exact_samples.n=4",
+        "exact_samples.batch_size=256",
+        f"exact_samples.cache_dir={tmp_path / 'cache'}",
+        "device=cpu",
+        f"hydra.run.dir={out}",
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert (out / "summary.json").is_file()
+
+
+def test_a_prompt_index_outside_the_split_is_refused_in_one_line(tiny_gpt2_dir):
+    with initialize_config_module("smclm.configs", version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "task=next_sentence",
+                f"model.name={tiny_gpt2_dir}",
+                "task.split=test",
+                "task.prompt_index=10",
+                "device=cpu",
+            ],
+        )
+    with pytest.raises(ConfigError, match=r"task.prompt_index=10 is outside the 10 test prompts"):
+        build_world(cfg)
