@@ -147,63 +147,22 @@ def ppo_loss(
 
     Returns the loss and detached statistics (means over the b·T tokens; with ``live`` [b, T],
     a stopping task's steps up to each stop, over those tokens only)."""
-    if live is not None:
-        return _masked_ppo_loss(
-            log_q,
-            log_q_old,
-            values,
-            values_old,
-            advantages,
-            returns,
-            cliprange,
-            cliprange_value,
-            vf_coef,
-            live,
-        )
+    if live is None:  # every token: plain means (fixed-length tasks)
+        keep = None
+
+        def mean(x: Tensor) -> Tensor:
+            return x.mean()
+
+    else:  # a stopping task: means over the steps up to each stop
+        keep = ~live
+        n = live.sum().clamp(min=1)
+
+        def mean(x: Tensor) -> Tensor:
+            return x.masked_fill(keep, 0.0).sum() / n
+
     log_ratio = log_q - log_q_old
-    ratio = torch.exp(log_ratio)
-    pg1 = -advantages * ratio
-    pg2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = torch.maximum(pg1, pg2).mean()
-    v_clipped = values_old + torch.clamp(values - values_old, -cliprange_value, cliprange_value)
-    vf1 = (values - returns) ** 2
-    vf2 = (v_clipped - returns) ** 2
-    vf_loss = 0.5 * torch.maximum(vf1, vf2).mean()
-    loss = pg_loss + vf_coef * vf_loss
-    with torch.no_grad():
-        stats = {
-            "policy_loss": pg_loss.detach(),
-            "value_loss": vf_loss.detach(),
-            "clipfrac": (pg2 > pg1).float().mean(),
-            "vf_clipfrac": (vf2 > vf1).float().mean(),
-            "approxkl": 0.5 * (log_ratio**2).mean(),
-            "policykl": (-log_ratio).mean(),
-            "value_error": vf1.mean(),
-            "ratio_mean": ratio.mean(),
-            "ratio_max_dev": (ratio - 1.0).abs().max(),
-        }
-    return loss, stats
-
-
-def _masked_ppo_loss(
-    log_q: Tensor,
-    log_q_old: Tensor,
-    values: Tensor,
-    values_old: Tensor,
-    advantages: Tensor,
-    returns: Tensor,
-    cliprange: float,
-    cliprange_value: float,
-    vf_coef: float,
-    live: Tensor,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """:func:`ppo_loss` with every mean over the live tokens (live [b, T] bool)."""
-    n = live.sum().clamp(min=1)
-
-    def mean(x: Tensor) -> Tensor:
-        return x.masked_fill(~live, 0.0).sum() / n
-
-    log_ratio = (log_q - log_q_old).masked_fill(~live, 0.0)
+    if keep is not None:
+        log_ratio = log_ratio.masked_fill(keep, 0.0)
     ratio = torch.exp(log_ratio)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
@@ -214,6 +173,7 @@ def _masked_ppo_loss(
     vf_loss = 0.5 * mean(torch.maximum(vf1, vf2))
     loss = pg_loss + vf_coef * vf_loss
     with torch.no_grad():
+        # log_ratio is 0 after the stops, so ratio − 1 is too: the max is over live tokens
         stats = {
             "policy_loss": pg_loss.detach(),
             "value_loss": vf_loss.detach(),
@@ -223,7 +183,7 @@ def _masked_ppo_loss(
             "policykl": mean(-log_ratio),
             "value_error": mean(vf1),
             "ratio_mean": mean(ratio),
-            "ratio_max_dev": (ratio - 1.0).masked_fill(~live, 0.0).abs().max(),
+            "ratio_max_dev": (ratio - 1.0).abs().max(),
         }
     return loss, stats
 
