@@ -1,18 +1,25 @@
-"""RL study (issue 14): exact KL(σ‖q) trajectories of RL with the paper's update and with the
-defaults, beside CTL's, on toy worlds that differ in seed, peakedness and potential.
+"""RL study (issues 14 and 20): exact KL(σ‖q) of RL beside the other learners on a generated
+family of toy worlds.
 
-Every run is what `smclm train experiment=toy_rl` (or toy_ctl) does on that world: the method
-options, learning rate and K come from those experiment configs (variants override options
-only), an MLP twist head seeded with the run seed, and the exact KL(σ‖q) by enumeration every
-`--every` updates. Worlds: V = 12, T = 3 (1728 outputs), ε = 1e-3, min_count = 1.
+The family (:data:`GRID`, :func:`family_world`): threshold potentials with min_count 1, 2, 3 and
+exp_count potentials with β = 1, 2, 4, 8, each with T = 4 and 6 and a peaked (sharpness 6) or a
+flat (sharpness 2) toy model: 28 worlds. V = 8 (8⁶ = 262144 outputs), ε = 1e-3. World i's seed i
+picks the model's weights, the prompt and the order in which target tokens are tried: the target
+set is the first (single tokens, then growing sets) whose P_p₀(count ≥ min_count) (threshold;
+count ≥ 1 for exp_count) lies in [1%, 50%].
 
-    python scripts/rl_study.py                         # all worlds, seeds 0-4, 300 updates
-    python scripts/rl_study.py --worlds indicator_peaked --seeds 0 1 --json out.json
+Every run is what `smclm train experiment=toy_<m> model=toy <world overrides> seed=<s>` does
+(the config is composed, the world built by smclm.build.build_world, and the learner stepped as
+smclm.train does), except that the exact KL(σ‖q) is computed only at 0 and at the last three
+scheduled evaluations (the trainer's evaluations do not touch the training RNG, so the numbers
+are the same). Variants override method options or the learning rate only.
 
-Prints one line per run (KL/KL₀ at every evaluation) and a summary per world and variant: the
-mean over seeds of KL(σ‖q) at each evaluation, the mean and worst of "last3" (the mean of the
-last three evaluations over the initial KL) and the worst relapse (the highest KL/KL₀ after it
-first fell below 0.5).
+    python scripts/rl_study.py --json family.json                  # 28 worlds × seeds 0-2
+    python scripts/rl_study.py --worlds 20 24 --variants rl rl_paper --seeds 0
+    python scripts/rl_study.py --diagnose 20                       # why the one-step target stalls
+
+Prints one line per run and a table: per world and variant, last3 = the mean of the last three
+evaluations over KL₀, as the mean over seeds and the worst seed.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import random
 import statistics
 import time
 
@@ -28,67 +37,131 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 
-from smclm.build import METHOD_WORLD_KEYS  # noqa: E402
+from smclm.build import build_world  # noqa: E402
 from smclm.evaluators.exact import exact_metrics, solve  # noqa: E402
-from smclm.methods import build_method  # noqa: E402
 from smclm.methods.base import TrainContext  # noqa: E402
 from smclm.methods.rl import PAPER  # noqa: E402
-from smclm.models.loading import build_twist  # noqa: E402
 from smclm.models.toy import build_toy_model, build_toy_tokenizer, encode_toy_prompt  # noqa: E402
 from smclm.models.twisted_lm import TwistedLM  # noqa: E402
 from smclm.tasks.toy import build_toy_task  # noqa: E402
 
-# name: (model seed, sharpness, prompt, target ids, potential, β)
-WORLDS = {
-    "indicator_peaked": (0, 6.0, "the cat", [10], "threshold", 1.0),
-    "indicator_flat": (3, 2.0, "the", [9], "threshold", 1.0),
-    "exp_count_peaked": (1, 4.0, "the cat", [10], "exp_count", 4.0),
-    "exp_count_flat": (2, 2.0, "the", [10], "exp_count", 4.0),
-    "toy_default": (0, 4.0, "the cat", [9], "threshold", 1.0),  # experiment=toy_rl's own world
-}
+VOCAB, EPSILON = 8, 1e-3
+PROMPTS = ("the", "the cat", "a dog", "the mat and")
+SHARPNESS = {"peaked": 6.0, "flat": 2.0}
+# (potential, min_count, β, T, p₀)
+GRID = [
+    ("threshold", m, 1.0, t, p) for m in (1, 2, 3) for t in (4, 6) for p in ("peaked", "flat")
+] + [("exp_count", 1, b, t, p) for b in (1.0, 2.0, 4.0, 8.0) for t in (4, 6) for p in ("peaked", "flat")]  # fmt: skip
 
-# name: (experiment, method option overrides)
+# name: (experiment, method option overrides, lr override or None)
 VARIANTS = {
-    "rl_paper": ("toy_rl", PAPER),
-    "rl_default": ("toy_rl", {}),
-    "rl_target_ema": ("toy_rl", {"target_ema": 0.95}),
-    "rl_lr_half_life": ("toy_rl", {"lr_half_life": 100}),
-    "rl_exact": ("toy_rl", {"positives": "exact"}),
-    "ctl": ("toy_ctl", {}),
+    "rl": ("toy_rl", {}, None),
+    "rl_previous": ("toy_rl", {"td_lambda": 0.0}, 1e-3),  # the defaults before issue 20
+    "rl_paper": ("toy_rl", PAPER, None),
+    "ctl": ("toy_ctl", {}, None),
+    "dpg": ("toy_dpg", {}, None),
+    "sixo": ("toy_sixo", {}, None),
+    "fudge": ("toy_fudge", {}, None),
+    "ppo": ("toy_ppo", {}, None),
+    "gfn": ("toy_gfn", {}, None),
 }
 
-
-def experiment_settings(experiment: str) -> tuple[str, dict, float, int]:
-    with initialize_config_module("smclm.configs", version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}"])
-    options = {k: v for k, v in cfg.method.items() if k not in METHOD_WORLD_KEYS}
-    return str(cfg.method.name), options, float(cfg.optimizer.lr), int(cfg.smc.n_particles)
+_composer = None
 
 
-def build_world(name: str):
-    seed, sharp, prompt, target, potential, beta = WORLDS[name]
-    base = build_toy_model(vocab_size=12, seed=seed, sharpness=sharp)
-    ids = torch.tensor(encode_toy_prompt(build_toy_tokenizer(12), prompt))
-    task = build_toy_task(ids, 3, potential, target, 12, min_count=1, epsilon=1e-3, beta=beta)
-    sol = solve(TwistedLM(base), task)
-    gen = torch.Generator().manual_seed(1234)
-    pool = sol.sequences[torch.multinomial(sol.log_sigma.exp(), 256, True, generator=gen)]
-    return base, task, sol, pool
+def compose_cfg(overrides: list[str]):
+    global _composer
+    if _composer is None:
+        _composer = initialize_config_module("smclm.configs", version_base="1.3")
+        _composer.__enter__()
+    return compose("train", overrides=overrides)
 
 
-def run(world, method_name, options, lr, k, seed, updates, every) -> list[float]:
-    """Exact KL(σ‖q) after 0, every, 2·every, … updates (the trainer's update step)."""
-    base, task, sol, pool = world
-    torch.manual_seed(seed)
-    model = TwistedLM(base, build_twist("head", base, head="mlp"))
-    method = build_method(method_name, **options)
-    batch = TrainContext(model, task, k, torch.Generator().manual_seed(seed), exact_pool=pool)
+def family_world(i: int) -> dict:
+    """World i of the family: its settings and P_p₀(φ > 0) (count ≥ 1 for exp_count)."""
+    potential, min_count, beta, t_len, peak = GRID[i]
+    rng = random.Random(i)
+    prompt = rng.choice(PROMPTS)
+    order = rng.sample(range(2, VOCAB), VOCAB - 2)
+    base = build_toy_model(vocab_size=VOCAB, seed=i, sharpness=SHARPNESS[peak])
+    ids = torch.tensor(encode_toy_prompt(build_toy_tokenizer(VOCAB), prompt))
+    need = min_count if potential == "threshold" else 1
+    best = None
+    for target in [[t] for t in order] + [sorted(order[:n]) for n in range(2, VOCAB - 1)]:
+        hit = build_toy_task(ids, t_len, "threshold", target, VOCAB, min_count=need, epsilon=0.0)
+        sol = solve(TwistedLM(base), hit)
+        p_hit = float(torch.logsumexp(sol.log_p0 + sol.log_phi, 0).exp())
+        miss = max(0.01 - p_hit, p_hit - 0.5, 0.0)
+        if best is None or miss < best[0]:
+            best = (miss, target, p_hit)
+        if miss == 0.0:
+            break
+    _, target, p_hit = best
+    return {
+        "index": i,
+        "potential": potential,
+        "min_count": min_count,
+        "beta": beta,
+        "T": t_len,
+        "p0": peak,
+        "prompt": prompt,
+        "target_ids": target,
+        "p_hit": p_hit,
+    }
+
+
+def world_overrides(w: dict) -> list[str]:
+    return [
+        "model=toy",
+        f"model.toy.seed={w['index']}",
+        f"model.toy.vocab_size={VOCAB}",
+        f"model.toy.sharpness={SHARPNESS[w['p0']]}",
+        f"task.prompt='{w['prompt']}'",
+        f"task.output_len={w['T']}",
+        f"task.potential={w['potential']}",
+        "task.target_ids=[" + ",".join(map(str, w["target_ids"])) + "]",
+        f"task.min_count={w['min_count']}",
+        f"task.beta={w['beta']}",
+        f"task.epsilon={EPSILON}",
+    ]
+
+
+def variant_overrides(variant: str) -> list[str]:
+    experiment, options, lr = VARIANTS[variant]
+    out = [f"experiment={experiment}"]
+    out += [f"method.{k}={'null' if v is None else v}" for k, v in options.items()]
+    return out + ([] if lr is None else [f"optimizer.lr={lr}"])
+
+
+def run(
+    w: dict,
+    variant: str,
+    seed: int,
+    solution=None,
+    every_eval: bool = False,
+    hook=None,
+    extra: tuple[str, ...] = (),
+):
+    """Exact KL(σ‖q) {updates: value} of one training run, and the exact solution. extra:
+    more config overrides (e.g. train.updates=…)."""
+    overrides = variant_overrides(variant) + world_overrides(w) + [f"seed={seed}", *extra]
+    cfg = compose_cfg(overrides)
+    world = build_world(cfg)
+    model, task, method = world.model, world.task, world.learner
+    sol = solution if solution is not None else solve(TwistedLM(model.base), task)
+    updates, every = int(cfg.train.updates), int(cfg.train.eval_every)
+    at = set(range(every, updates + 1, every))
+    if not every_eval:
+        at = set(sorted(at | {updates})[-3:])
+    batch = TrainContext(model, task, int(cfg.smc.n_particles), torch.Generator().manual_seed(seed))
+    lr = float(cfg.optimizer.lr)
     owns = hasattr(method, "update")
     if owns:
         method.setup(batch, lr)
     else:
-        opt = torch.optim.Adam(model.twist.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    kls = [exact_metrics(model, task, sol)["kl/sigma_q_exact"]]
+        params = [p for p in model.trainables().parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    kls = {0: exact_metrics(model, task, sol)["kl/sigma_q_exact"]}
     for step in range(1, updates + 1):
         if owns:
             method.update(batch)
@@ -97,146 +170,141 @@ def run(world, method_name, options, lr, k, seed, updates, every) -> list[float]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        if step % every == 0:
-            kls.append(exact_metrics(model, task, sol)["kl/sigma_q_exact"])
-    return kls
+        if hook is not None:
+            hook(step, model, method, task, sol)
+        if step in at:
+            kls[step] = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
+    return kls, sol
 
 
-def scores(kls: list[float]) -> tuple[float, float | None]:
-    """(last3 = mean of the last three KL/KL₀, worst KL/KL₀ after first falling below 0.5)."""
-    r = [x / kls[0] for x in kls]
-    below = [i for i, x in enumerate(r) if x < 0.5]
-    return sum(r[-3:]) / 3, (max(r[below[0] :]) if below else None)
+def last3(kls: dict) -> float:
+    """The mean of the last three evaluations over the first (KL₀)."""
+    steps = sorted(kls)
+    return sum(kls[s] for s in steps[-3:]) / 3 / kls[0]
 
 
-def step_values(model: TwistedLM, task, sol) -> torch.Tensor:
-    """log ψ_t(s_1:t) [M, T] of the twist on every output s (teacher-forced)."""
-    with torch.no_grad():
-        ids, h, start = model.base_pass(task.prompt_ids, sol.sequences)
-        out = model.twist.full(ids, h, start, None)
-    return out.gather(-1, sol.sequences[..., None]).squeeze(-1).double()
+# -- the diagnosis (issue 20) ---------------------------------------------------------------------
 
 
-def star_values(sol) -> tuple[torch.Tensor, torch.Tensor]:
-    """log ψ*_t(s_1:t) [M, T] and the whole tables' rows log ψ*_t(s_<t, ·) [M, T, V]."""
-    tables, seqs = sol.psi_star_tables(), sol.sequences
+def diagnose(i: int, updates_shown=(0, 10, 25, 50, 100)) -> None:
+    """On world i, seed 0: the σ-weighted mean per t of log ψ*_t, of the twist's V_t, of the
+    one-step targets Y_t and of the λ = 1 targets G_t on the exact σ (every output, σ-weighted),
+    during training with the previous defaults; then the same training with the regression
+    targets replaced by the exact log ψ*_t (same samples, weights, lr and updates) and with the
+    learning rate ×3 and ×10."""
+    import smclm.methods.rl as rl_module
+
+    w = family_world(i)
+    print(f"# world {i}: {w}")
+    cfg = compose_cfg(variant_overrides("rl_previous") + world_overrides(w) + ["seed=0"])
+    world = build_world(cfg)
+    sol = solve(TwistedLM(world.model.base), world.task)
+    seqs, v, t_len = sol.sequences, sol.vocab_size, sol.output_len
+    sigma = sol.log_sigma.exp()
+    tables = sol.psi_star_tables()
     idx = torch.zeros(seqs.shape[0], dtype=torch.long)
     rows = []
-    for t in range(sol.output_len):
+    for t in range(t_len):
         rows.append(tables[t][idx])
-        idx = idx * sol.vocab_size + seqs[:, t]
-    full = torch.stack(rows, 1)
-    return full.gather(-1, seqs[..., None]).squeeze(-1).double(), full
+        idx = idx * v + seqs[:, t]
+    star = torch.stack(rows, 1).gather(-1, seqs[..., None]).squeeze(-1).double()
+    kl_p0 = sol.kl(sol.log_p0)["sigma_q"]
+    phis = sorted(set(round(x, 3) for x in sol.log_phi.tolist()))
+    print(f"log φ takes {phis}; KL(σ‖p₀) = {kl_p0:.3f}; σ-weighted mean over t = 1..T of")
+    fmt = lambda xs: " ".join(f"{float(x):6.2f}" for x in xs)  # noqa: E731
+    print(f"  log ψ*_t            {fmt((sigma[:, None] * star).sum(0))}")
 
-
-def diagnose(name: str, settings: dict, updates: int) -> None:
-    """Can the twist represent ψ*? Where is RL's log ψ wrong after training (seed 0)?"""
-    base, task, sol, pool = build_world(name)
-    star, star_full = star_values(sol)
-    sigma = sol.log_sigma.exp()
-    torch.manual_seed(0)
-    model = TwistedLM(base, build_twist("head", base, head="mlp"))
-    opt = torch.optim.Adam(model.twist.parameters(), lr=3e-3)
-    ids, h, start = model.base_pass(task.prompt_ids, sol.sequences)
-    w = sigma.float()[:, None, None]
-    for _ in range(1500):  # full-batch regression of every table entry, σ-weighted
-        loss = (w * (model.twist.full(ids, h, start, None) - star_full).pow(2)).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    kl = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
-    print(f"{name}: the MLP head fitted to ψ* by supervised regression: KL(σ‖q) = {kl:.4f}")
-    target = torch.tensor(WORLDS[name][3])
-    early = torch.isin(sol.sequences[:, :-1], target).any(1)
-    last = torch.isin(sol.sequences[:, -1], target)
-    regions = {"target token before s_T": early, "only s_T": last & ~early, "none": ~early & ~last}
-    for v in ("rl_paper", "rl_default"):
-        if v not in settings:
-            continue
-        method_name, options, lr, k = settings[v]
-        torch.manual_seed(0)
-        model = TwistedLM(base, build_twist("head", base, head="mlp"))
-        method = build_method(method_name, **options)
-        batch = TrainContext(model, task, k, torch.Generator().manual_seed(0), exact_pool=pool)
-        method.setup(batch, lr)
-        for _ in range(updates):
-            method.update(batch)
-        err = step_values(model, task, sol) - star
+    def hook(step, model, method, task, _sol):
+        if step not in updates_shown:
+            return
+        with torch.no_grad():
+            sigma_rl = rl_module.RL(td_lambda=0.0)
+            values, y = sigma_rl.regression(model, task.prompt_ids, seqs, sol.log_phi.float(), None)
+            mc = rl_module.RL(td_lambda=1.0)
+            _, g = mc.regression(model, task.prompt_ids, seqs, sol.log_phi.float(), None)
         kl = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
-        print(f"{name} {v} seed 0 after {updates} updates: KL(σ‖q) = {kl:.3f}; σ-weighted mean "
-              "of log ψ_t − log ψ*_t for t = 1..T, by where the target tokens are:")  # fmt: skip
-        for label, mask in regions.items():
-            m = sigma * mask
-            mean = [float((err[:, t] * m).sum() / m.sum()) for t in range(err.shape[1])]
-            print(
-                f"  {label:26s} σ mass {float(m.sum()):.3f}: " + " ".join(f"{x:+.2f}" for x in mean)
-            )
+        s = sigma[:, None].float()
+        print(
+            f"  after {step:3d} updates (KL {kl:.3f}): V_t {fmt((s * values).sum(0))} | "
+            f"Y_t {fmt((s * y).sum(0))} | G_t (λ=1) {fmt((s * g).sum(0))}"
+        )
+
+    hook(0, world.model, None, world.task, sol)
+    kls, _ = run(w, "rl_previous", 0, sol, hook=hook)
+    print(f"rl_previous (one-step Y_t, lr 1e-3): last3/KL₀ = {last3(kls):.3f}")
+
+    pw = v ** torch.arange(t_len - 1, -1, -1)
+    star_f = star.float()
+    original = rl_module.RL.regression
+
+    def supervised(self, model, prompt, tokens, log_phi, cond):
+        values, _ = original(self, model, prompt, tokens, log_phi, cond)
+        return values, star_f[(tokens * pw).sum(1)]
+
+    rl_module.RL.regression = supervised
+    try:
+        kls, _ = run(w, "rl_previous", 0, sol)
+    finally:
+        rl_module.RL.regression = original
+    print(f"rl_previous with targets log ψ*_t (supervised): last3/KL₀ = {last3(kls):.3f}")
+    for factor in (3, 10):
+        VARIANTS["_lr"] = ("toy_rl", {"td_lambda": 0.0}, 1e-3 * factor)
+        kls, _ = run(w, "_lr", 0, sol)
+        print(f"rl_previous with lr {1e-3 * factor:g}: last3/KL₀ = {last3(kls):.3f}")
+    del VARIANTS["_lr"]
+    kls, _ = run(w, "rl", 0, sol)
+    print(f"rl (defaults: λ = 1, lr 2e-3): last3/KL₀ = {last3(kls):.3f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--worlds", nargs="+", default=list(WORLDS)[:4], choices=list(WORLDS))
+    ap.add_argument("--worlds", nargs="+", type=int, default=list(range(len(GRID))))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    ap.add_argument("--updates", type=int, default=300)
-    ap.add_argument("--every", type=int, default=25)
-    ap.add_argument("--json", help="also write every trajectory to this JSON file")
-    ap.add_argument("--diagnose", choices=list(WORLDS), help="only the diagnosis on this world")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--json", help="also write every run's KLs to this JSON file")
+    ap.add_argument("--diagnose", type=int, help="only the diagnosis on this world")
     args = ap.parse_args()
     torch.set_num_threads(1)
-
-    settings = {}
-    for v in args.variants:
-        experiment, overrides = VARIANTS[v]
-        name, options, lr, k = experiment_settings(experiment)
-        settings[v] = (name, {**options, **overrides}, lr, k)
-        print(f"# {v}: method={name} lr={lr} K={k} options={settings[v][1]}", flush=True)
-    if args.diagnose:
-        diagnose(args.diagnose, settings, args.updates)
+    if args.diagnose is not None:
+        diagnose(args.diagnose)
         return
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, torch threads 1")
     results: dict = {}
     t0 = time.perf_counter()
-    for w in args.worlds:
-        world = build_world(w)
-        kl_p0 = world[2].kl(world[2].log_p0)["sigma_q"]
-        print(f"# world {w}: {WORLDS[w]}, KL(σ‖p₀) = {kl_p0:.3f}", flush=True)
+    for i in args.worlds:
+        w = family_world(i)
+        sol = None
         for v in args.variants:
-            name, options, lr, k = settings[v]
             for s in args.seeds:
-                kls = run(world, name, options, lr, k, s, args.updates, args.every)
-                results.setdefault(w, {}).setdefault(v, {})[s] = kls
-                last3, relapse = scores(kls)
-                rel = "-" if relapse is None else f"{relapse:.2f}"
+                kls, sol = run(w, v, s, sol)
+                results.setdefault(i, {"world": w, "kl0": kls[0]}).setdefault(v, {})[s] = kls
                 print(
-                    f"{w} {v} seed {s}: last3 {last3:.3f} relapse {rel} | KL/KL0 "
-                    + " ".join(f"{x / kls[0]:.2f}" for x in kls)
-                    + f"  [{time.perf_counter() - t0:.0f}s]",
+                    f"world {i} {GRID[i]} {v} seed {s}: KL0 {kls[0]:.3f} last3 {last3(kls):.3f}"
+                    f"  [{time.perf_counter() - t0:.0f}s]",
                     flush=True,
                 )
-
-    steps = list(range(0, args.updates + 1, args.every))
-    print(f"\nmean exact KL(σ‖q) over seeds {args.seeds} after n updates")
-    print("| world | variant | " + " | ".join(str(n) for n in steps) + " | last3 mean (worst) | "
-          "worst relapse | seeds meeting both |")  # fmt: skip
-    print("|---|---|" + "---|" * (len(steps) + 3))
-    for w, by_v in results.items():
-        for v, by_s in by_v.items():
-            trajs = list(by_s.values())
-            means = [statistics.mean(t[i] for t in trajs) for i in range(len(steps))]
-            sc = [scores(t) for t in trajs]
-            last3 = [a for a, _ in sc]
-            rel = [b for _, b in sc if b is not None]
-            ok = sum(1 for a, b in sc if a <= 0.5 and b is not None and b <= 0.8)
-            worst_rel = f"{max(rel):.2f}" if rel else "-"
-            print(
-                f"| {w} | {v} | "
-                + " | ".join(f"{m:.3f}" for m in means)
-                + f" | {statistics.mean(last3):.3f} ({max(last3):.3f}) | {worst_rel} | "
-                f"{ok}/{len(sc)} |"
-            )
+    print(
+        f"\nlast3/KL₀: mean over seeds {args.seeds} (worst seed); wall {time.perf_counter() - t0:.0f} s"
+    )
+    print("| world | potential | β / min_count | T | p₀ | P(φ>0) | KL₀ | " + " | ".join(args.variants) + " |")  # fmt: skip
+    print("|---" * (7 + len(args.variants)) + "|")
+    worst = {v: 0.0 for v in args.variants}
+    for i, r in results.items():
+        w = r["world"]
+        knob = f"β={w['beta']:g}" if w["potential"] == "exp_count" else f"m={w['min_count']}"
+        cells = []
+        for v in args.variants:
+            l3 = [last3(k) for k in r[v].values()]
+            worst[v] = max(worst[v], max(l3))
+            cells.append(f"{statistics.mean(l3):.3f} ({max(l3):.3f})")
+        print(
+            f"| {i} | {w['potential']} | {knob} | {w['T']} | {w['p0']} | {w['p_hit']:.3f} | "
+            f"{r['kl0']:.2f} | " + " | ".join(cells) + " |"
+        )
+    print("| worst | | | | | | | " + " | ".join(f"{worst[v]:.3f}" for v in args.variants) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "worlds": WORLDS, "kl": results}, f, indent=1)
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ toy worlds (V = 12, T = 3) that differ in seed, peakedness and potential for lea
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,7 +57,12 @@ def flat_grad(model: TwistedLM) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.twist.parameters()]).double()
 
 
-VARIANTS = {"paper": PAPER, "defaults": {}, "exact": {"positives": "exact"}}
+VARIANTS = {
+    "paper": PAPER,
+    "defaults": {},
+    "exact": {"positives": "exact"},
+    "lambda_half": {"td_lambda": 0.5},
+}
 
 
 def make(options: dict, model: TwistedLM, task, pool, k=16, seed=0, lr=1e-2):
@@ -111,25 +118,32 @@ def test_updates_from_a_perturbed_optimum_move_toward_it(tiny, variant):
 # -- the gradient of one update against brute force -----------------------------------------------
 
 
-def brute_force_row_losses(model: TwistedLM, sol, task) -> torch.Tensor:
-    """ℓ(s) = mean_t (log ψ_t(s_1:t) − Y_t(s))² for every sequence s [M] (float64, with grad),
-    computed from the twist's tables and enumerated p₀, independently of smclm.methods.rl."""
+def brute_force_row_losses(model: TwistedLM, sol, task, lam: float = 0.0) -> torch.Tensor:
+    """ℓ(s) = mean_t (log ψ_t(s_1:t) − G_t(s))² for every sequence s [M] (float64, with grad),
+    computed from the twist's tables and enumerated p₀, independently of smclm.methods.rl.
+    G_t = Y_t + Σ_{j>t} λ^{j−t} (Y_j − V_j): the one-step target Y_t for λ = 0."""
     tables = list(model.twist.tables)
     seqs = sol.sequences
     m = seqs.shape[0]
     prefix = [sol._prefix_log_p0(t) for t in range(1, T + 1)]  # log p₀(s_1:t) per prefix index
     idx = torch.zeros(m, dtype=torch.long)  # index of s_1:t-1
-    terms = []
+    values, one_step = [], []
     for t in range(T):
-        value = tables[t][idx, seqs[:, t]].double()
+        values.append(tables[t][idx, seqs[:, t]].double())
         nxt = idx * V + seqs[:, t]  # index of s_1:t
         if t < T - 1:
             log_p0_next = prefix[t + 1].view(-1, V)[nxt] - prefix[t][nxt, None]  # p₀(v | s_1:t)
             target = torch.logsumexp(log_p0_next + tables[t + 1][nxt].detach().double(), dim=1)
         else:
             target = sol.log_phi
-        terms.append((value - target).pow(2))
+        one_step.append(target)
         idx = nxt
+    terms = []
+    for t in range(T):
+        target = one_step[t] + sum(
+            lam ** (j - t) * (one_step[j] - values[j].detach()) for j in range(t + 1, T)
+        )
+        terms.append((values[t] - target).pow(2))
     return torch.stack(terms, 1).mean(1)
 
 
@@ -137,11 +151,12 @@ def seq_index(tokens: torch.Tensor) -> torch.Tensor:
     return (tokens * V ** torch.arange(T - 1, -1, -1)).sum(1)
 
 
-@pytest.mark.parametrize("variant", ["paper", "defaults"])
+@pytest.mark.parametrize("variant", ["paper", "defaults", "lambda_half"])
 def test_one_update_gradient_equals_brute_force_on_its_samples(tiny, variant):
     """The gradient of RL.loss equals the gradient of the stated loss on the same K samples,
     computed by brute force (float64): uniform weights over q samples, plus, by default, the
-    self-normalised importance weights w̄ ∝ p₀φ/q of the same samples."""
+    self-normalised importance weights w̄ ∝ p₀φ/q of the same samples; targets G_t with the
+    variant's λ (the paper: λ = 0, the one-step Y_t)."""
     base, task, sol, pool = tiny
     model = TwistedLM(base, TrainableTable(noisy(sol.psi_star_tables(), 0.5, 3)))
     method, batch = make(VARIANTS[variant], model, task, pool, k=16, seed=5)
@@ -163,7 +178,7 @@ def test_one_update_gradient_equals_brute_force_on_its_samples(tiny, variant):
         w_bar = torch.softmax(log_w, 0)
         weight = weight + torch.zeros(V**T, dtype=torch.float64).index_add_(0, rows, w_bar)
     model.twist.zero_grad()
-    (weight * brute_force_row_losses(model, sol, task)).sum().backward()
+    (weight * brute_force_row_losses(model, sol, task, method.td_lambda)).sum().backward()
     want = flat_grad(model)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), float((got - want).abs().max())
 
@@ -312,3 +327,55 @@ def test_bad_options_are_one_line_config_errors():
     ):
         with pytest.raises(ConfigError, match=match):
             build_method("rl", **bad)
+
+
+# -- the generated family of issue 20 (scripts/rl_study.py) --------------------------------------
+
+
+def _study():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "rl_study.py"
+    spec = importlib.util.spec_from_file_location("rl_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ctl_budget() -> int:
+    """train.updates of experiment=toy_ctl: the budget RL must halve the KL in."""
+    with initialize_config_module("smclm.configs", version_base="1.3"):
+        return int(compose("train", overrides=["experiment=toy_ctl"]).train.updates)
+
+
+def check_family(worlds: list[int], seeds: list[int]) -> None:
+    """experiment=toy_rl's defaults at toy_ctl's budget on generated worlds: last3/KL₀ ≤ 0.5 on
+    each world and seed (last3: the mean of the last three scheduled evaluations)."""
+    study = _study()
+    budget = ctl_budget()
+    failures = []
+    for i in worlds:
+        w = study.family_world(i)
+        sol = None
+        for seed in seeds:
+            kls, sol = study.run(w, "rl", seed, sol, extra=(f"train.updates={budget}",))
+            ratio = study.last3(kls)
+            print(f"world {i} {study.GRID[i]} P(φ>0)={w['p_hit']:.3f} seed {seed}: "
+                  f"KL0 {kls[0]:.3f} last3/KL0 {ratio:.3f}")  # fmt: skip
+            if ratio > 0.5:
+                failures.append((i, seed, round(ratio, 3)))
+    assert not failures, failures
+
+
+# World 20: exp_count, β = 4, T = 4, peaked p₀; world 8: threshold, min_count 3, T = 4, peaked,
+# P(φ>0) = 5%. The previous defaults (one-step targets, lr 1e-3) give 0.68 on world 20, seed 0.
+FAST_WORLDS = [20, 8]
+# + T = 6 worlds: threshold with P(φ>0) 10% and 1%, exp_count β = 1, 2, 4, 8.
+SLOW_WORLDS = [20, 8, 2, 11, 15, 18, 22, 26]
+
+
+def test_defaults_halve_the_kl_on_generated_worlds():
+    check_family(FAST_WORLDS, [0, 1])
+
+
+@pytest.mark.slow
+def test_defaults_halve_the_kl_on_more_generated_worlds():
+    check_family(SLOW_WORLDS, [0, 1, 2])

@@ -1,11 +1,24 @@
 """RL: soft-Q least squares in log space (paper §4.2, Eq. 23; reference ``rl_q_lsq``).
 
 The optimal twists satisfy the soft Bellman recursion ψ*_t(s_1:t) = Σ_v p₀(v | s_1:t) ψ*_{t+1}(s_1:t, v)
-with ψ*_T = φ. Each log ψ_t is regressed onto the one-step target:
+with ψ*_T = φ. The paper regresses each log ψ_t onto the one-step target Y_t:
 
     V_t = log ψ_t(s_1:t),
     Y_t = sg( logsumexp_v [ log p₀(v | s_1:t) + log ψ̄_{t+1}(s_1:t, v) ] )   for t < T,   Y_T = log φ(s_1:T),
-    ℓ(s) = (1/T) Σ_t (V_t − Y_t)².
+    ℓ(s) = (1/T) Σ_t (V_t − G_t)²,
+
+with G_t = Y_t (``td_lambda=0``, the paper). The default regresses onto the λ-return instead:
+
+    G_T = Y_T,   G_t = Y_t + λ (G_{t+1} − V̄_{t+1}) = Y_t + Σ_{j>t} λ^{j−t} (Y_j − V̄_j),
+
+where V̄_j = log ψ̄_j(s_1:j). On samples from the twisted proposal q^π, Y_{j−1} − V_j = log p₀(s_j | ·)
+− log q(s_j | ·), so λ = 1 (the default) gives G_t = log φ(s) + Σ_{j>t} log (p₀/q)(s_j | s_<j): the
+log importance weight of the sampled suffix, a Monte-Carlo target that carries log φ to every t in
+one update. The one-step target carries it back one step per round of fitting and leans on the
+head's values at tokens no sample has shown; on toy worlds with T = 4–6 and exp_count β ≥ 4 it did
+not halve KL(σ‖q) in 100 updates while regression onto log ψ* on the same samples did (issue 20,
+docs/results/rl_study.md). Every TD error Y_j − V_j is 0 at ψ = ψ̄ = ψ*, so G_t = Y_t = V_t there
+for any λ: the fixed point is the same.
 
 ψ̄ is the twist itself in the paper; with ``target_ema > 0`` it is a slowly updated copy (a target
 network, Polyak-averaged after every update). At ψ = ψ̄ = ψ* every target equals its value and
@@ -24,9 +37,10 @@ particles from the twisted proposal q^π:
 * ``positives="exact"`` (``rl_qsigma_lsq``): L = mean_k ℓ(s^k) + mean_i ℓ(σ^i) over K exact target
   samples (a sum of two means, as in the reference).
 
-The paper's update is :data:`PAPER` (``positives=sis``, no target network, a constant rate). RL
-owns its update (:meth:`RL.update`: Adam, the schedule, the target network), so that the target
-network and the schedule are checkpointed with the optimiser; :meth:`RL.loss` is one batch's loss.
+The paper's update is :data:`PAPER` (``positives=sis``, ``td_lambda=0``, no target network, a
+constant rate). RL owns its update (:meth:`RL.update`: Adam, the schedule, the target network),
+so that the target network and the schedule are checkpointed with the optimiser; :meth:`RL.loss`
+is one batch's loss.
 
 Y_T = log φ must be finite: indicator potentials need a positive floor (task.epsilon > 0).
 """
@@ -46,7 +60,12 @@ from smclm.models.twisted_lm import TwistedLM
 POSITIVES = ("snis", "sis", "exact")
 
 # The paper's update (rl_q_lsq): build_method("rl", **PAPER).
-PAPER: dict[str, Any] = {"positives": "sis", "target_ema": 0.0, "lr_half_life": None}
+PAPER: dict[str, Any] = {
+    "positives": "sis",
+    "td_lambda": 0.0,
+    "target_ema": 0.0,
+    "lr_half_life": None,
+}
 
 
 def _check(ok: bool, message: str) -> None:
@@ -58,6 +77,7 @@ class RL:
     """Soft-Q least squares. Options (configs/method/rl.yaml gives the reasons and defaults):
 
     positives     ``snis`` (default) | ``sis`` (the paper's rl_q_lsq) | ``exact`` (rl_qsigma_lsq)
+    td_lambda     λ of the λ-return targets G_t (1, default: Monte-Carlo; 0: the paper's Y_t)
     target_ema    Polyak factor of the target network ψ̄ for Y_t (0: ψ̄ = ψ, the paper)
     lr_half_life  lr_n = lr / (1 + n / lr_half_life) after n updates (null: constant, the paper)
     """
@@ -69,6 +89,7 @@ class RL:
         positives: str = "snis",
         target_ema: float = 0.0,
         lr_half_life: float | None = None,
+        td_lambda: float = 1.0,
     ) -> None:
         self.positives = check_positives("rl", positives, POSITIVES)
         self.needs_exact = positives == "exact"
@@ -80,6 +101,11 @@ class RL:
             lr_half_life is None or float(lr_half_life) > 0,
             f"method.lr_half_life={lr_half_life} must be positive, or null for a constant rate",
         )
+        _check(
+            0.0 <= float(td_lambda) <= 1.0,
+            f"method.td_lambda={td_lambda} must be in [0, 1] (0: the paper's one-step target)",
+        )
+        self.td_lambda = float(td_lambda)
         self.target_ema = float(target_ema)
         self.lr_half_life = None if lr_half_life is None else float(lr_half_life)
         self.target: nn.Module | None = None  # the target network ψ̄ (target_ema > 0), after setup
@@ -89,8 +115,8 @@ class RL:
     # -- the loss of one batch ----------------------------------------------------------------
     def regression(
         self, model: TwistedLM, prompt: Tensor, tokens: Tensor, log_phi: Tensor, cond: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """ℓ(s^k) [K] (with grad) on tokens [K, T] with log φ [K]; also V and Y [K, T]."""
+    ) -> tuple[Tensor, Tensor]:
+        """V [K, T] (with grad) and Y [K, T] on tokens [K, T] with log φ [K]."""
         if not torch.isfinite(log_phi).all():
             raise ConfigError(
                 "rl regresses log ψ_T onto log φ, which is -inf or NaN on some samples; use a "
@@ -106,9 +132,17 @@ class RL:
             # Step t+1's all-vocab quantities sit at index t (paper-spec §0), so the targets of
             # steps 1..T-1 come from indices 1..T-1.
             y_next = torch.logsumexp(log_p0_all[:, 1:] + boot[:, 1:].float(), dim=-1)
-            targets = torch.cat([y_next, log_phi.to(y_next)[:, None]], dim=1)
-        per_row = (values - targets).pow(2).mean(dim=1)
-        return per_row, values.detach(), targets
+            one_step = torch.cat([y_next, log_phi.to(y_next)[:, None]], dim=1)  # Y_t
+            targets = one_step
+            if self.td_lambda > 0:  # G_t = Y_t + λ (G_t+1 − V̄_t+1), G_T = Y_T = log φ
+                v_boot = boot.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).to(one_step)
+                g = one_step[:, -1]
+                returns = [g]
+                for t in range(one_step.shape[1] - 2, -1, -1):
+                    g = one_step[:, t] + self.td_lambda * (g - v_boot[:, t + 1])
+                    returns.append(g)
+                targets = torch.stack(returns[::-1], dim=1)
+        return values, targets
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
@@ -116,32 +150,38 @@ class RL:
         prompt = task.prompt_ids
         with torch.no_grad():
             sis = batch.sample(ess_threshold=0.0)
-        per_row, values, targets = self.regression(
-            model, prompt, sis.tokens, sis.log_phi, batch.cond
-        )
-        loss_q = per_row.mean()
-        loss = loss_q
-        metrics = {"train/loss_q": float(loss_q.detach())}
+        values, targets = self.regression(model, prompt, sis.tokens, sis.log_phi, batch.cond)
+        uniform = torch.full((k,), 1.0 / k, device=values.device)
+        weights = [uniform]
+        metrics: dict[str, float] = {}
         if self.positives == "snis":
             w = batch.normalize(sis.log_w).detach()  # within each o's rows on conditional tasks
-            loss_sigma = (w * per_row).sum()
+            weights = [uniform + w.to(uniform)]
             metrics["train/ess_frac"] = float(1.0 / (w.pow(2).sum() * k))
         elif self.needs_exact:
             with torch.no_grad():
                 pos_tokens = batch.draw_exact(k)
                 pos_log_phi = task.log_phi(pos_tokens, batch.cond)
-            per_pos, _, _ = self.regression(model, prompt, pos_tokens, pos_log_phi, batch.cond)
-            loss_sigma = per_pos.mean()
+            v2, y2 = self.regression(model, prompt, pos_tokens, pos_log_phi, batch.cond)
+            values, targets = torch.cat([values, v2]), torch.cat([targets, y2])
+            weights.append(
+                torch.full((pos_tokens.shape[0],), 1.0 / pos_tokens.shape[0]).to(uniform)
+            )
+        u = torch.cat(weights)
+        per_row = (values - targets).pow(2).mean(dim=1)  # ℓ(s) of every row
+        loss = (u * per_row).sum()
+        loss_q = per_row[:k].mean()
+        metrics["train/loss_q"] = float(loss_q.detach())
         if self.positives != "sis":
-            loss = loss_q + loss_sigma
-            metrics["train/loss_sigma"] = float(loss_sigma.detach())
+            metrics["train/loss_sigma"] = float((loss - loss_q).detach())
+        vals = values[:k].detach()
         metrics.update(
             {
                 "train/loss": float(loss.detach()),
-                "train/log_psi_mean": float(values.mean()),
-                "train/log_psi_T_mean": float(values[:, -1].mean()),
+                "train/log_psi_mean": float(vals.mean()),
+                "train/log_psi_T_mean": float(vals[:, -1].mean()),
                 "train/log_phi_mean": float(sis.log_phi.mean()),
-                "train/target_mean": float(targets.mean()),
+                "train/target_mean": float(targets[:k].mean()),
                 "train/log_z_hat": sis.log_z_hat,
             }
         )
