@@ -17,6 +17,7 @@ are the same). Variants override method options or the learning rate only.
     python scripts/rl_study.py --json family.json                  # 28 worlds × seeds 0-2
     python scripts/rl_study.py --worlds 20 24 --variants rl rl_paper --seeds 0
     python scripts/rl_study.py --diagnose 20                       # why the one-step target stalls
+    python scripts/rl_study.py --table a.json b.json               # one table from --json files
 
 Prints one line per run and a table: per world and variant, last3 = the mean of the last three
 evaluations over KL₀, as the mean over seeds and the worst seed.
@@ -263,8 +264,12 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--json", help="also write every run's KLs to this JSON file")
     ap.add_argument("--diagnose", type=int, help="only the diagnosis on this world")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="only the table of --json files")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.table:
+        table_from_json(args.table)
+        return
     if args.diagnose is not None:
         diagnose(args.diagnose)
         return
@@ -283,28 +288,47 @@ def main() -> None:
                     f"  [{time.perf_counter() - t0:.0f}s]",
                     flush=True,
                 )
-    print(
-        f"\nlast3/KL₀: mean over seeds {args.seeds} (worst seed); wall {time.perf_counter() - t0:.0f} s"
-    )
-    print("| world | potential | β / min_count | T | p₀ | P(φ>0) | KL₀ | " + " | ".join(args.variants) + " |")  # fmt: skip
-    print("|---" * (7 + len(args.variants)) + "|")
-    worst = {v: 0.0 for v in args.variants}
+    print(f"\nwall {time.perf_counter() - t0:.0f} s")
+    print_table(results, args.variants, args.seeds)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+
+
+def print_table(results: dict, variants: list[str], seeds: list[int]) -> None:
+    """Per world: last3/KL₀ of each variant, mean over seeds (worst seed); the worst per variant."""
+    print(f"last3/KL₀: mean over seeds {seeds} (worst seed)")
+    print("| world | potential | β / min_count | T | p₀ | P(φ>0) | KL₀ | " + " | ".join(variants) + " |")  # fmt: skip
+    print("|---" * (7 + len(variants)) + "|")
+    worst = {v: 0.0 for v in variants}
     for i, r in results.items():
         w = r["world"]
         knob = f"β={w['beta']:g}" if w["potential"] == "exp_count" else f"m={w['min_count']}"
         cells = []
-        for v in args.variants:
-            l3 = [last3(k) for k in r[v].values()]
+        for v in variants:
+            l3 = [last3({int(k): x for k, x in kls.items()}) for kls in r[v].values()]
             worst[v] = max(worst[v], max(l3))
             cells.append(f"{statistics.mean(l3):.3f} ({max(l3):.3f})")
         print(
             f"| {i} | {w['potential']} | {knob} | {w['T']} | {w['p0']} | {w['p_hit']:.3f} | "
             f"{r['kl0']:.2f} | " + " | ".join(cells) + " |"
         )
-    print("| worst | | | | | | | " + " | ".join(f"{worst[v]:.3f}" for v in args.variants) + " |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
+    print("| worst | | | | | | | " + " | ".join(f"{worst[v]:.3f}" for v in variants) + " |")
+
+
+def table_from_json(paths: list[str]) -> None:
+    """One table from the --json files of several runs of this script (same worlds and seeds)."""
+    results: dict = {}
+    variants: list[str] = []
+    seeds: list[int] = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        variants += [v for v in data["args"]["variants"] if v not in variants]
+        seeds = data["args"]["seeds"]
+        for i, r in data["results"].items():
+            results.setdefault(int(i), {}).update(r)
+    print_table(dict(sorted(results.items())), variants, seeds)
 
 
 if __name__ == "__main__":
