@@ -67,15 +67,11 @@ VARIANTS = {
     "gfn": ("toy_gfn", {}, None),
 }
 
-_composer = None
-
 
 def compose_cfg(overrides: list[str]):
-    global _composer
-    if _composer is None:
-        _composer = initialize_config_module("smclm.configs", version_base="1.3")
-        _composer.__enter__()
-    return compose("train", overrides=overrides)
+    """The train config with these overrides (Hydra's global state is left as it was found)."""
+    with initialize_config_module("smclm.configs", version_base="1.3"):
+        return compose("train", overrides=overrides)
 
 
 def family_world(i: int) -> dict:
