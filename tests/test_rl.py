@@ -1,8 +1,10 @@
 """RL (soft-Q least squares, paper §4.2): correctness of the implementation against brute force,
-and the stabilised defaults against the relapse of issue 14.
+the stabilised defaults against the relapse of issue 14, and the defaults on generated worlds
+(issue 20).
 
-Worlds: a tiny toy world (V = 5, T = 3: 125 sequences) for the brute-force checks, and three
-toy worlds (V = 12, T = 3) that differ in seed, peakedness and potential for learning.
+Worlds: a tiny toy world (V = 5, T = 3: 125 sequences) for the brute-force checks, three toy
+worlds (V = 12, T = 3) that differ in seed, peakedness and potential for the no-relapse test, and
+the generated family of scripts/rl_study.py (V = 8, T = 4 and 6) for the halving tests.
 """
 
 from __future__ import annotations
