@@ -171,7 +171,8 @@ def test_user_config_dirs_join_the_group_check(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="unknown task 'my_task'; choose one of: classifier"):
         check_group_overrides(["task=my_task"])
     check_group_overrides([f"hydra.searchpath=[file://{mine}]", "task=my_task,toy"])
-    with pytest.raises(ConfigError, match="my_task, next_sentence, sentiment"):  # the user's options listed too
+    # the user's options listed too
+    with pytest.raises(ConfigError, match="my_task, next_sentence, sentiment"):
         check_group_overrides([f"hydra.searchpath=[file://{mine}]", "task=nope"])
     monkeypatch.setenv("SMCLM_CONFIG_PATH", str(mine))
     check_group_overrides(["task=my_task"])
