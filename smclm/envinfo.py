@@ -156,14 +156,6 @@ def version_text(env: dict[str, Any] | None = None) -> str:
     return "\n".join(f"{k:13s} {v}" for k, v in rows)
 
 
-def version_markdown(env: dict[str, Any] | None = None) -> str:
-    """The same as a Markdown list, for report.md."""
-    return "\n".join(
-        f"- {line.split(None, 1)[0]}: {line.split(None, 1)[1]}"
-        for line in version_text(env).splitlines()
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -171,12 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--record-lock", metavar="FILE", help="note the lock this venv was installed from"
     )
-    ap.add_argument("--markdown", action="store_true", help="print the environment as Markdown")
     a = ap.parse_args(argv)
     if a.record_lock:
         print(f"recorded {a.record_lock} in {record_lock(a.record_lock)}")
-    elif a.markdown:
-        print(version_markdown())
     else:
         print(version_text())
 
