@@ -105,6 +105,9 @@ class ComputeMeter:
                 return from_cache(model, ctx, tokens, cond)
 
             counted.from_cache = counted_from_cache  # type: ignore[attr-defined]
+        for_prompt = getattr(inner, "for_prompt", None)
+        if for_prompt is not None:  # Task.for_prompt rebinds the inner potential (then watch it)
+            counted.for_prompt = for_prompt  # type: ignore[attr-defined]
         task.potential = counted
 
     def sampled(self, n_tokens: int) -> None:

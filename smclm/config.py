@@ -158,8 +158,8 @@ def validate(cfg: DictConfig) -> None:
         f"twist.kind={cfg.twist.get('kind')} must be none, head or separate",
     )
     _require(
-        cfg.evaluator.name in ("auto", "none", "exact", "bounds"),
-        f"evaluator={cfg.evaluator.name} is not one of: auto, none, exact, bounds",
+        cfg.evaluator.name in ("auto", "none", "exact", "bounds", "sentences"),
+        f"evaluator={cfg.evaluator.name} is not one of: auto, none, exact, bounds, sentences",
     )
 
 
@@ -189,7 +189,8 @@ RANGES: tuple[tuple[str, str, str], ...] = (
     ("task.classifier_batch_size", "int>0", "128"),
     ("task.n_train", "int>0", "50"),  # next_sentence: training prompts (lines 1..n_train)
     ("task.n_test", "int>=0", "10"),  # next_sentence: test prompts (the next n_test lines)
-    ("task.prompt_index", "int>=0", "0"),  # next_sentence: which prompt of task.split
+    ("task.prompt_index", "int>=0|all", "0"),  # next_sentence: which prompt of task.split
+    ("task.tau", ">0", "0.9"),  # next_sentence: the target temperature
     ("task.penalty", "finite", "-50.0"),  # next_sentence: logit penalty on banned tokens
     ("exact_samples.n", "int>0", "256"),
     ("exact_samples.batch_size", "int>0", "4096"),
@@ -208,6 +209,7 @@ _KINDS = {
     "int>0": "a positive integer",
     "int>=0": "a non-negative integer",
     "int>0|null": "null or a positive integer",
+    "int>=0|all": "a non-negative integer or all",
     ">0": "a positive number",
     ">=0": "a non-negative number",
     "[0,1]": "a number in [0, 1]",
@@ -223,6 +225,10 @@ def _in_range(value: object, kind: str) -> bool:
         if value is None:
             return True
         kind = kind.removesuffix("|null")
+    if kind.endswith("|all"):
+        if value == "all":
+            return True
+        kind = kind.removesuffix("|all")
     if kind == "bool":
         return isinstance(value, bool)
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -99,6 +99,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if saved_evaluator != evaluator.name:  # evaluator=auto chose another one than the run's
         raise UserError(refusal(run_dir, [("evaluator.name", saved_evaluator, evaluator.name)]))
     conditional = task.cond_len > 0
+    rotating = len(task.train_prompts) > 1  # a prompt drawn per update (_draw_prompt)
+    if rotating and (method.needs_exact or evaluator.needs_pool or conditional):
+        needs = "exact target samples" if not conditional else "conditioning pairs"
+        raise UserError(
+            f"training draws from {len(task.train_prompts)} prompts (task.prompt_index=all), "
+            f"but the method or evaluator needs {needs} of one prompt; train on one prompt "
+            "(task.prompt_index=<i>), or use sampled positives and evaluator=sentences|none"
+        )
     pool = None
     if method.needs_exact or evaluator.needs_pool or conditional:
         pool = exact_pool(cfg, world)
@@ -199,6 +207,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             meter.begin()
             if conditional:
                 _draw_conditioning(batch, cfg, world)
+            if rotating:
+                _draw_prompt(batch, task)
             if owns_update:
                 metrics = method.update(batch)
             else:
@@ -282,6 +292,17 @@ def _draw_conditioning(batch: TrainContext, cfg: DictConfig, world: Any) -> None
         batch.meter.sampled(n_pairs * (task.output_len + task.cond_len))
     batch.cond = o.repeat_interleave(group, dim=0)
     batch.exact_pool = s.repeat_interleave(group, dim=0)
+
+
+def _draw_prompt(batch: TrainContext, task: Any) -> None:
+    """Tasks with several training prompts: this update's prompt, drawn uniformly with the run's
+    generator (so a resumed run draws the same ones); all K particles share it, as the
+    GFlowNet paper's micro-batches do."""
+    gen = batch.generator
+    i = int(torch.randint(len(task.train_prompts), (), generator=gen, device=gen.device))
+    batch.task = task.for_prompt(task.train_prompts[i])
+    if batch.meter is not None:
+        batch.meter.watch_task(batch.task)
 
 
 def _evaluate(

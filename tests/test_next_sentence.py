@@ -202,3 +202,132 @@ def test_a_prompt_index_outside_the_split_is_refused_in_one_line(tiny_gpt2_dir):
         )
     with pytest.raises(ConfigError, match=r"task.prompt_index=10 is outside the 10 test prompts"):
         build_world(cfg)
+
+
+# -- the tempered target and training on every prompt ---------------------------------------------
+
+
+def _world(tiny_gpt2_dir, *extra):
+    with initialize_config_module("smclm.configs", version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["task=next_sentence", f"model.name={tiny_gpt2_dir}", "device=cpu", *extra],
+        )
+    return cfg, build_world(cfg)
+
+
+@pytest.mark.parametrize("tau", [0.5, 2.0])
+def test_the_tempered_potential_is_the_samplers_log_p0_to_the_power(tiny_gpt2_dir, tau):
+    """task.tau = τ: log φ = (1/τ − 1)·log p̃₀(Z | X) on every finished sample, where log p̃₀ is
+    the sampler's own accumulated log p₀ (the stop's probability included, the forced stop at the
+    cap too); so p₀·φ = p̃₀^{1/τ}. Checked on p₀ samples of several lengths, for a second prompt
+    after Task.for_prompt as well."""
+    from smclm.smc.sampler import run_smc
+
+    _, world = _world(tiny_gpt2_dir, "task.output_len=6")
+    # 80 allowed tokens as stops, so that this random model stops at every length
+    stops = (world.task.logit_bias == 0).nonzero().squeeze(1)[:80].tolist()
+    _, world = _world(
+        tiny_gpt2_dir,
+        f"task.tau={tau}",
+        "task.output_len=6",
+        f"task.stop=[{','.join(map(str, stops))}]",
+    )
+    task, model = world.task, world.model
+    assert task.log_phi_max == (0.0 if tau <= 1 else None)
+    for t in (task, task.for_prompt(task.test_prompts[3])):
+        res = run_smc(
+            model.with_twist(None),
+            t.prompt_ids,
+            t.output_len,
+            t.bind(),
+            64,
+            ess_threshold=0.0,
+            generator=torch.Generator().manual_seed(0),
+            stopping=t.stopping,
+        )
+        assert len(set(res.lengths.tolist())) >= 3  # several lengths, the cap among them
+        assert int(res.lengths.max()) == t.output_len
+        expected = (1.0 / tau - 1.0) * res.log_p0
+        torch.testing.assert_close(res.log_phi, expected, rtol=1e-4, atol=1e-3)
+    # the rebound potential does depend on the prompt
+    z = res.tokens[:4]
+    assert not torch.allclose(task.log_phi(z), task.for_prompt(task.test_prompts[3]).log_phi(z))
+
+
+def test_tau_must_be_positive(tiny_gpt2_dir):
+    with pytest.raises(ConfigError, match=r"task.tau=0.0 must be a positive number"):
+        _world(tiny_gpt2_dir, "task.tau=0")
+
+
+def test_prompt_index_all_holds_every_train_prompt_and_the_test_split(tiny_gpt2_dir):
+    _, world = _world(tiny_gpt2_dir, "task.prompt_index=all")
+    task = world.task
+    assert len(task.train_prompts) == 50 and len(task.test_prompts) == 10
+    assert torch.equal(task.prompt_ids, task.train_prompts[0])
+    texts = {world.tokenizer.decode(p) for p in task.train_prompts + task.test_prompts}
+    assert len(texts) == 60  # distinct prompts, train and test disjoint
+    _, one = _world(tiny_gpt2_dir, "task.prompt_index=7")
+    assert len(one.task.train_prompts) == 1 and torch.equal(
+        one.task.prompt_ids, task.train_prompts[7]
+    )
+    with pytest.raises(ConfigError, match=r"task.prompt_index=all .* needs task.split=train"):
+        _world(tiny_gpt2_dir, "task.prompt_index=all", "task.split=test")
+
+
+def test_gfn_trains_on_every_prompt_with_a_replay_buffer_per_prompt(tiny_gpt2_dir):
+    """With task.prompt_index=all the trainer draws one prompt per update for all K particles;
+    GFlowNet's samples are those of that prompt (its log R is scored under it) and its replay
+    buffer is keyed by the prompt."""
+    from smclm.methods.base import TrainContext
+    from smclm.train import _draw_prompt
+
+    cfg, world = _world(
+        tiny_gpt2_dir, "task.prompt_index=all", "method=gfn", "task.output_len=6", "task.tau=0.5"
+    )
+    task, model, method = world.task, world.model, world.learner
+    batch = TrainContext(model, task, 4, torch.Generator().manual_seed(0))
+    method.setup(batch, 1e-3)
+    assert method.loss_kind == "modified_subtb"
+    drawn = []
+    for _ in range(12):
+        _draw_prompt(batch, task)
+        drawn.append(tuple(batch.task.prompt_ids.tolist()))
+        method.update(batch)
+    assert len(set(drawn)) >= 8  # 12 draws from 50 prompts
+    keys = set(method.buffer._heaps)
+    assert keys and keys <= set(drawn) and len(keys) >= 6
+    # the potential follows the prompt: the tempered log φ of a batch under its own prompt
+    z = torch.tensor([[task.stop_ids[0]] * 1 + [task.stop_ids[0]] * 5])
+    assert batch.task.log_phi(z).item() != pytest.approx(task.log_phi(z).item())
+
+
+def test_gfn_with_one_log_z_refuses_many_prompts(tiny_gpt2_dir):
+    from smclm.methods.base import TrainContext
+
+    _, world = _world(
+        tiny_gpt2_dir, "task.prompt_index=all", "method=gfn", "method.loss=tb", "task.tau=0.5"
+    )
+    batch = TrainContext(world.model, world.task, 4, torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match=r"learns one log Z, but training draws from 50 prompts"):
+        world.learner.setup(batch, 1e-3)
+
+
+def test_training_on_every_prompt_refuses_an_evaluator_that_needs_exact_samples(
+    tiny_gpt2_dir, tmp_path
+):
+    res = run_smclm(
+        "train",
+        "task=next_sentence",
+        f"model.name={tiny_gpt2_dir}",
+        "task.prompt_index=all",
+        "method=ctl",
+        "evaluator=bounds",
+        "train.updates=1",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert res.returncode != 0
+    err = res.stderr.strip().splitlines()
+    assert any("training draws from 50 prompts" in line for line in err), res.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()

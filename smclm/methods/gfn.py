@@ -478,6 +478,14 @@ class GFN:
                 "method.policy=mlp_head|full|lora|separate_conditional"
             )
         self._resolve_loss(task)
+        uses_log_z = self.log_z_kind != "batch_mean" and self.loss_kind != "modified_subtb"
+        if uses_log_z and len(task.train_prompts) > 1:
+            raise ConfigError(
+                f"method.loss={self.loss_kind} learns one log Z, but training draws from "
+                f"{len(task.train_prompts)} prompts, each with its own Z; use "
+                "method.loss=modified_subtb (no log Z) or vargrad, or train on one prompt "
+                "(task.prompt_index=<i>)"
+            )
         if self.loss_kind == "subtb" and model.twist is None:
             raise ConfigError(
                 "method.loss=subtb uses the twist as its flow head but the model has none; "
@@ -607,7 +615,7 @@ class GFN:
         tau_r = self.tau_r(k)
         cond = batch.cond
         n = batch.n_particles if cond is not None else (self.batch_size or batch.n_particles)
-        keys = _keys(cond, n)
+        keys = _keys(task, cond, n)
         group = batch.group_size if cond is not None else None
         if self.buffer is not None and self.needs_exact and cond is not None:
             if batch.exact_pool is not None:  # B4.5: seed with the exact s paired with each o
@@ -810,11 +818,17 @@ class GFN:
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def _keys(cond: Tensor | None, n: int) -> list[Key]:
-    """Replay-buffer key of each row: () for the prompt alone, the o tokens on conditional tasks."""
+def _keys(task: Task, cond: Tensor | None, n: int) -> list[Key]:
+    """Replay-buffer key of each row: () for the prompt alone, the o tokens on conditional tasks;
+    when training draws the prompt from several (``task.train_prompts``), the prompt's ids come
+    first (then -1 and the o tokens, if any): the buffer is kept per prompt."""
+    prefix: Key = ()
+    if len(task.train_prompts) > 1:
+        prefix = tuple(int(i) for i in task.prompt_ids.tolist())
     if cond is None:
-        return [()] * n
-    return [tuple(row) for row in cond.tolist()]
+        return [prefix] * n
+    sep: Key = (-1,) if prefix else ()
+    return [prefix + sep + tuple(row) for row in cond.tolist()]
 
 
 @torch.no_grad()

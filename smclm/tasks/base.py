@@ -29,7 +29,7 @@ from p₀; the first T are an exact sample of σ(· | o) for the o formed by the
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -51,6 +51,10 @@ class Task:
     stop_ids: tuple[int, ...] = ()  # ⊤; empty: fixed length T
     min_len: int = 1  # m, the shortest finished output (the stop counted); with stop_ids only
     logit_bias: Tensor | None = None  # [V] added to p₀'s logits everywhere (None: none)
+    # Tasks with a prompt file (next_sentence): the training and test prompts' ids ([P] each).
+    # With more than one training prompt the trainer draws one per update (:meth:`for_prompt`).
+    train_prompts: tuple[Tensor, ...] = ()
+    test_prompts: tuple[Tensor, ...] = ()
 
     def __post_init__(self) -> None:
         self.stop_ids = tuple(int(i) for i in self.stop_ids)
@@ -61,6 +65,14 @@ class Task:
     def stopping(self) -> Stopping | None:
         """The sampler's stopping rule (None for a fixed-length task)."""
         return Stopping(self.stop_ids, int(self.min_len)) if self.stop_ids else None
+
+    def for_prompt(self, prompt_ids: Tensor) -> Task:
+        """This task conditioned on another prompt: the same T, stopping, bias and prompt lists;
+        a potential that depends on the prompt (it has ``for_prompt``, e.g. next_sentence's
+        tempered p̃₀) is rebound to it."""
+        ids = prompt_ids.to(self.prompt_ids.device)
+        rebind = getattr(self.potential, "for_prompt", None)
+        return replace(self, prompt_ids=ids, potential=self.potential if rebind is None else rebind(ids))
 
     def log_phi(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
         """log φ(s_1:T [, o]) for tokens [N, T] → [N] float32. A stopping task scores each row's

@@ -10,8 +10,11 @@ the paper's ``vocab_alpha`` penalty. It is applied ONCE, as the task's logit bia
 :func:`smclm.models.twisted_lm.output_logits`, the one place where p₀'s logits (and a ``full`` /
 ``lora`` policy's) are made: sampling, teacher forcing, rewards and the policy all see p̃₀.
 The potential is then φ ≡ 1 on finished sequences (``log_phi_max`` = 0), so σ ∝ p̃₀(Z "." | X)
-exactly, restricted to 1–30 tokens before the stop. The tempered target σ ∝ R^{1/τ} of the paper
-is not a task setting yet (GFlowNet's reward-temperature schedule tempers it during training).
+exactly, restricted to 1–30 tokens before the stop. With ``task.tau`` = τ ≠ 1 the target is the
+paper's tempered σ ∝ R^{1/τ} = p̃₀(Z "." | X)^{1/τ}, through the potential
+log φ = (1/τ − 1)·log p̃₀(Z "." | X) (:class:`TemperedPotential`; one extra teacher-forced pass
+of the base LM per scored batch), so that every sampler, learner and bound sees the tempered
+target as an ordinary potential.
 
 The banned list is written as strings (``task.banned``, ``task.banned_runs``,
 ``task.banned_contains``) and rebuilt for each tokenizer (:func:`banned_token_ids`): a token is
@@ -26,11 +29,15 @@ paper does; lines 1..n_train are the training prompts, the next n_test the test 
 paper's 950/50 of its 10 000 OpenWebText prompts) or ``builtin``: 60 short English sentences
 that smclm composes from word lists with a fixed seed (:func:`builtin_prompts`; 50 train,
 10 test; no download). The task conditions on one prompt, ``task.prompt_index`` of
-``task.split``; training on many prompts at once is left for later.
+``task.split``, or, with ``task.prompt_index=all``, training draws one training prompt per update
+(all K particles share it, as the paper's micro-batches do; :attr:`Task.train_prompts`,
+:meth:`Task.for_prompt`, ``smclm.train._draw_prompt``; GFlowNet's replay buffer is kept per
+prompt). :attr:`Task.test_prompts` holds the test split for ``evaluator=sentences``.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -157,10 +164,42 @@ def load_prompts(source: str, n_train: int, n_test: int) -> tuple[list[str], lis
 
 
 class NoPotential:
-    """log φ ≡ 0 on finished sequences: the target is p̃₀(Z "." | X) itself."""
+    """log φ ≡ 0 on finished sequences: the target is p̃₀(Z "." | X) itself (τ = 1)."""
 
     def __call__(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
         return torch.zeros(tokens.shape[0], dtype=torch.float32, device=tokens.device)
+
+
+class TemperedPotential:
+    """log φ(Z) = (1/τ − 1)·log p̃₀(Z | X) on finished sequences Z (the stop included), so that
+    p₀·φ = p̃₀^{1/τ}: the paper's tempered target σ ∝ R^{1/τ}. log p̃₀ comes from one
+    teacher-forced pass of the base LM over [X, Z_<ℓ] through its output head, where the task's
+    logit bias is added once the world is built (:func:`smclm.models.twisted_lm.output_logits`):
+    the same p̃₀ as the sampler's. Bound to one prompt X; :meth:`for_prompt` rebinds it."""
+
+    def __init__(self, base: Any, prompt_ids: Tensor, tau: float, batch_size: int = 64) -> None:
+        self.base, self.prompt_ids, self.tau = base, prompt_ids, float(tau)
+        self.exponent = 1.0 / self.tau - 1.0
+        self.batch_size = int(batch_size)
+
+    def for_prompt(self, prompt_ids: Tensor) -> TemperedPotential:
+        return TemperedPotential(self.base, prompt_ids, self.tau, self.batch_size)
+
+    @torch.no_grad()
+    def __call__(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
+        from smclm.models.twisted_lm import token_log_probs
+
+        dev = next(self.base.parameters()).device
+        p_len = self.prompt_ids.numel()
+        out = []
+        for i in range(0, tokens.shape[0], self.batch_size):
+            z = tokens[i : i + self.batch_size].to(dev)
+            prompt = self.prompt_ids.to(dev)[None].expand(z.shape[0], -1)
+            ids = torch.cat([prompt, z[:, :-1]], dim=1)
+            h = self.base.base_model(input_ids=ids).last_hidden_state[:, p_len - 1 :]
+            out.append(token_log_probs(self.base, h, z).sum(1))
+        log_p = torch.cat(out).to(tokens.device) if out else tokens.new_zeros(0).float()
+        return self.exponent * log_p
 
 
 def next_sentence_task(
@@ -175,7 +214,8 @@ def next_sentence_task(
     n_train: int = 50,
     n_test: int = 10,
     split: str = "train",
-    prompt_index: int = 0,
+    prompt_index: int | str = 0,
+    tau: float = 1.0,
     penalty: float = -50.0,
     banned: list[str] | None = None,
     banned_runs: str = BANNED_RUNS,
@@ -183,21 +223,40 @@ def next_sentence_task(
     cond_len: int = 0,
 ) -> Task:
     """The task of configs/task/next_sentence.yaml. ``prompt`` (the config's placeholder) is not
-    used: the prompt is line ``prompt_index`` of ``split`` in ``prompts``."""
+    used: the prompt is line ``prompt_index`` of ``split`` in ``prompts``; ``prompt_index=all``
+    (split train only) trains on every training prompt, one drawn per update (the task's
+    ``prompt_ids`` is then the first). ``tau``: the target σ ∝ p̃₀(Z "." | X)^{1/τ}."""
     from smclm.build import encode_prompt
 
     if cond_len:
         raise ValueError(f"task.cond_len={cond_len}: next_sentence is unconditional")
     if split not in ("train", "test"):
         raise ValueError(f"task.split={split} must be train or test")
+    tau = float(tau)
+    if not (tau > 0 and math.isfinite(tau)):
+        raise ConfigError(f"task.tau={tau} must be a positive number (1: the untempered target)")
     train, test = load_prompts(prompts, n_train, n_test)
     chosen = train if split == "train" else test
-    if not 0 <= int(prompt_index) < len(chosen):
-        raise ValueError(
-            f"task.prompt_index={prompt_index} is outside the {len(chosen)} {split} prompts; "
-            f"pick 0..{len(chosen) - 1}"
+    every = str(prompt_index) == "all"
+    if every and split != "train":
+        raise ConfigError(
+            "task.prompt_index=all trains on every training prompt; it needs task.split=train"
         )
-    text = chosen[int(prompt_index)]
+    if not every:
+        try:
+            index = int(prompt_index)
+        except (TypeError, ValueError):
+            index = -1
+        if not 0 <= index < len(chosen):
+            raise ConfigError(
+                f"task.prompt_index={prompt_index} is outside the {len(chosen)} {split} "
+                f"prompts; pick 0..{len(chosen) - 1}, or all (training on every train prompt)"
+            )
+    encoded = {
+        key: tuple(encode_prompt(env.tokenizer, text, bos=True) for text in texts)
+        for key, texts in (("train", train), ("test", test))
+    }
+    prompt_ids = encoded[split][0 if every else index]
     stop_ids = resolve_stop_ids(env.tokenizer, stop, env.vocab_size)
     if not stop_ids:
         raise ValueError("task.stop must name the stop token(s) of a sentence, e.g. '.'")
@@ -214,13 +273,17 @@ def next_sentence_task(
             f"the banned list bans the stop token(s) {clash}; remove them from task.banned"
         )
     bias = logit_bias(env.vocab_size, ids, float(penalty)).to(env.device)
+    potential: Any = NoPotential() if tau == 1.0 else TemperedPotential(env.base, prompt_ids, tau)
     return Task(
         name,
-        encode_prompt(env.tokenizer, text, bos=True),
+        prompt_ids,
         int(output_len),
-        NoPotential(),
-        log_phi_max=0.0,
+        potential,
+        # φ = p̃₀^{1/τ − 1} ≤ 1 when τ ≤ 1; no bound when τ > 1
+        log_phi_max=0.0 if tau <= 1.0 else None,
         stop_ids=stop_ids,
         min_len=int(min_len),
         logit_bias=bias,
+        train_prompts=encoded["train"] if every else (prompt_ids,),
+        test_prompts=encoded["test"],
     )
