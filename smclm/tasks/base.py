@@ -72,7 +72,9 @@ class Task:
         tempered p̃₀) is rebound to it."""
         ids = prompt_ids.to(self.prompt_ids.device)
         rebind = getattr(self.potential, "for_prompt", None)
-        return replace(self, prompt_ids=ids, potential=self.potential if rebind is None else rebind(ids))
+        return replace(
+            self, prompt_ids=ids, potential=self.potential if rebind is None else rebind(ids)
+        )
 
     def log_phi(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
         """log φ(s_1:T [, o]) for tokens [N, T] → [N] float32. A stopping task scores each row's
