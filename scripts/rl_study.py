@@ -216,9 +216,9 @@ def diagnose(i: int, updates_shown=(0, 10, 25, 50, 100)) -> None:
             return
         with torch.no_grad():
             sigma_rl = rl_module.RL(td_lambda=0.0)
-            values, y = sigma_rl.regression(model, task.prompt_ids, seqs, sol.log_phi.float(), None)
+            values, y, _ = sigma_rl.regression(model, task, seqs, sol.log_phi.float(), None)
             mc = rl_module.RL(td_lambda=1.0)
-            _, g = mc.regression(model, task.prompt_ids, seqs, sol.log_phi.float(), None)
+            _, g, _ = mc.regression(model, task, seqs, sol.log_phi.float(), None)
         kl = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
         s = sigma[:, None].float()
         print(

@@ -381,3 +381,41 @@ def test_defaults_halve_the_kl_on_generated_worlds():
 @pytest.mark.slow
 def test_defaults_halve_the_kl_on_more_generated_worlds():
     check_family(SLOW_WORLDS, [0, 1, 2])
+
+
+# -- stopping tasks (README "Stopping") -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("min_len", [1, 2])
+def test_loss_and_gradient_are_zero_at_the_optimal_twist_with_stopping(variant, min_len):
+    """A stopping world (stop token 2, T = 3): at ψ* (−inf where no finished sequence extends a
+    prefix) the targets Y_ℓ = log φ at the stop and the soft-Bellman sums over the allowed tokens
+    equal the values, so the loss is 0 on any samples; a perturbed ψ* is not a fixed point.
+    Fails if the sums run over every token (a stop before min_len, a non-stop at the cap) or if
+    Y_ℓ is not log φ."""
+    base = build_toy_model(vocab_size=V, seed=0, sharpness=2.0)
+    task = build_toy_task(
+        torch.tensor([0]), T, "threshold", [TARGET], V, epsilon=EPS, stop_ids=(2,), min_len=min_len
+    )
+    sol = solve(TwistedLM(base), task)
+    gen = torch.Generator().manual_seed(0)
+    pool = sol.sequences[torch.multinomial(sol.log_sigma.exp(), 256, True, generator=gen)]
+    assert len(set(sol.lengths.tolist())) == T - min_len + 1
+    # ψ* is −inf where the sampler allows no token (a stop before min_len, a non-stop at the cap)
+    # and after a stop; finite values there leave it optimal for the masked sampler, and make the
+    # test fail if a target sums over tokens the sampler does not allow
+    star = [t.masked_fill(t.isinf(), 0.5) for t in sol.psi_star_tables()]
+    model = TwistedLM(base, TrainableTable(star))
+    method, batch = make(VARIANTS[variant], model, task, pool)
+    for _ in range(3):
+        loss, _ = method.loss(batch)
+        model.twist.zero_grad()
+        loss.backward()
+        assert float(loss.detach()) < 1e-9
+        assert flat_grad(model).abs().max() < 1e-5
+    pert = TwistedLM(base, TrainableTable(noisy(star, 0.1, 1)))
+    method, batch = make(VARIANTS[variant], pert, task, pool)
+    loss, _ = method.loss(batch)
+    loss.backward()
+    assert float(loss.detach()) > 1e-4 and flat_grad(pert).abs().max() > 1e-3

@@ -1,4 +1,4 @@
-"""Twist learners (CTL, SIXO, FUDGE, DPG) and PPO on variable-length targets (README "Stopping").
+"""Twist learners (CTL, SIXO, FUDGE, DPG, RL) and PPO on variable-length targets (README "Stopping").
 
 The stopping world: the toy world (V = 12), prompt "the cat", stop token "a" (p₀ stops with it
 about 13% of the time at each step, as in tests/test_stopping.py), min_len 2, cap T = 5 (16,104
@@ -9,9 +9,9 @@ finished sequences, so the exact evaluator is cheap), and the threshold potentia
 must lower the exact KL(σ‖q) to at most half its initial value (FUDGE: 0.75).
 
 Final/initial KL(σ‖q) ratios seen, seed 0, defaults unchanged:
-    stop "a", T = 5 (tested):     ctl 0.119  sixo 0.278  fudge 0.276  dpg 0.131  ppo 0.161
-    stop "end", T = 5 (not tested): ctl 0.115  sixo 0.453  fudge 0.525  dpg 0.167  ppo 0.101
-    stop "end", T = 4 (not tested): ctl 0.096  sixo 0.649  fudge 0.628  dpg 0.121  ppo 0.106
+    stop "a", T = 5 (tested):     ctl 0.119  sixo 0.278  fudge 0.276  dpg 0.131  ppo 0.161  rl 0.209
+    stop "end", T = 5 (not tested): ctl 0.115  sixo 0.453  fudge 0.525  dpg 0.167  ppo 0.101  rl 0.263
+    stop "end", T = 4 (not tested): ctl 0.096  sixo 0.649  fudge 0.628  dpg 0.121  ppo 0.106  rl 0.194
 "end" is a rare stop under p₀ (2% of p₀'s mass stops within 5 tokens) that σ favours, so
 the p₀-sampled learners see few stopped prefixes: SIXO with its default SMC positives misses
 the bar on the T = 4 world (seeds 1, 2: 0.504, 0.605; with exact positives it reaches 0.121).
@@ -40,7 +40,7 @@ from smclm.tasks.toy import build_toy_task
 
 STOP, MIN_LEN, T = "a", 2, 5
 STOP_ID, BAD, EPS, V = 5, 9, 1e-3, 12
-RATIO = {"ctl": 0.5, "sixo": 0.5, "fudge": 0.75, "dpg": 0.5, "ppo": 0.5}
+RATIO = {"ctl": 0.5, "sixo": 0.5, "fudge": 0.75, "dpg": 0.5, "rl": 0.5, "ppo": 0.5}
 SLOW = ("sixo", "ppo")  # 17 s and 13 s on one core; the others take 4-8 s each
 
 
@@ -61,7 +61,7 @@ def world_cfg(name: str, *extra: str):
     "name",
     [
         pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
-        for n in ("ctl", "fudge", "dpg", "sixo", "ppo")
+        for n in ("ctl", "fudge", "dpg", "rl", "sixo", "ppo")
     ],
 )
 def test_learner_lowers_the_exact_kl_with_stopping(name):
@@ -152,6 +152,8 @@ def _loss_and_grads(model, task, name, positives, scramble, pool):
         ("fudge", None),
         ("dpg", None),
         ("dpg", "exact"),
+        ("rl", None),
+        ("rl", "exact"),
     ],
 )
 def test_loss_and_gradient_ignore_the_steps_after_the_stop(toy_world, stop_task, name, positives):

@@ -43,19 +43,35 @@ so that the target network and the schedule are checkpointed with the optimiser;
 is one batch's loss.
 
 Y_T = log φ must be finite: indicator potentials need a positive floor (task.epsilon > 0).
+
+Stopping tasks (README "Stopping"): a sample is a finished z_1:ℓ padded after its stop. The value
+at the stop step is the twist of the stopped sequence, whose optimum is φ: Y_ℓ = log φ(z) (and
+G_ℓ = Y_ℓ), and for t < ℓ the soft-Bellman sum runs over the tokens the sampler allows at step
+t+1 (no stop before ``min_len``, only stops at the cap T), so ψ* is the same recursion for the
+target restricted to lengths ≤ T; with λ = 1, G_t = log φ + Σ_{t<j≤ℓ} log (p₀/q)(z_j | z_<j)
+for the masked proposal q. The steps after ℓ are not in the loss (still divided by the cap T,
+as SIXO's).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from smclm.errors import ConfigError
-from smclm.methods.base import TrainContext, check_positives, require_twist
+from smclm.methods.base import (
+    TrainContext,
+    allowed_steps,
+    check_positives,
+    live_positions,
+    require_twist,
+)
 from smclm.models.twisted_lm import TwistedLM
+from smclm.tasks.base import Task
 
 POSITIVES = ("snis", "sis", "exact")
 
@@ -71,6 +87,11 @@ PAPER: dict[str, Any] = {
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _last(live: Tensor) -> Tensor:
+    """[K, 1]: the index of each row's last live step (its stop)."""
+    return (live.sum(dim=1, keepdim=True) - 1).clamp(min=0)
 
 
 class RL:
@@ -114,43 +135,66 @@ class RL:
 
     # -- the loss of one batch ----------------------------------------------------------------
     def regression(
-        self, model: TwistedLM, prompt: Tensor, tokens: Tensor, log_phi: Tensor, cond: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """V [K, T] (with grad) and Y [K, T] on tokens [K, T] with log φ [K]."""
+        self,
+        model: TwistedLM,
+        task: Task,
+        tokens: Tensor,
+        log_phi: Tensor,
+        cond: Tensor | None,
+        lengths: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """V [K, T] (with grad), the targets G [K, T] and the live steps [K, T] (None: every
+        step) on tokens [K, T] with log φ [K] (a stopping task: ``lengths`` [K] or read from the
+        tokens)."""
         if not torch.isfinite(log_phi).all():
             raise ConfigError(
                 "rl regresses log ψ_T onto log φ, which is -inf or NaN on some samples; use a "
                 "potential with a positive floor (task.epsilon > 0)"
             )
-        ids, h, start = model.base_pass(prompt, tokens)
+        ids, h, start = model.base_pass(task.prompt_ids, tokens)
         with torch.no_grad():
             log_p0_all = model.log_p0_from_hidden(h[:, start:])
         log_psi_all = model.twist.full(ids, h, start, cond)
         values = log_psi_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [K, T], with grad
+        live = live_positions(task, tokens, lengths)  # None: fixed length
         with torch.no_grad():
             boot = log_psi_all if self.target is None else self.target.full(ids, h, start, cond)
             # Step t+1's all-vocab quantities sit at index t (paper-spec §0), so the targets of
-            # steps 1..T-1 come from indices 1..T-1.
-            y_next = torch.logsumexp(log_p0_all[:, 1:] + boot[:, 1:].float(), dim=-1)
-            one_step = torch.cat([y_next, log_phi.to(y_next)[:, None]], dim=1)  # Y_t
+            # steps 1..T-1 come from indices 1..T-1; a stopping task sums over the tokens the
+            # sampler allows at step t+1 only (no stop before min_len, only stops at the cap).
+            nxt = log_p0_all[:, 1:] + boot[:, 1:].float()
+            allowed = allowed_steps(task, tokens.shape[1], nxt.shape[-1], nxt.device)
+            if allowed is not None:
+                nxt = nxt.masked_fill(~allowed[1:], -math.inf)
+            y_next = torch.logsumexp(nxt, dim=-1)
+            log_phi = log_phi.to(y_next)
+            one_step = torch.cat([y_next, log_phi[:, None]], dim=1)  # Y_t
+            at_stop = None
+            if live is not None:  # Y_ℓ = log φ at each row's stop; the steps after it are unused
+                at_stop = live & ~torch.cat([live[:, 1:], live[:, :1] & False], dim=1)
+                one_step = torch.where(at_stop, log_phi[:, None], one_step)
             targets = one_step
-            if self.td_lambda > 0:  # G_t = Y_t + λ (G_t+1 − V̄_t+1), G_T = Y_T = log φ
+            if self.td_lambda > 0:  # G_t = Y_t + λ (G_t+1 − V̄_t+1), G_T (G_ℓ) = log φ
                 v_boot = boot.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).to(one_step)
                 g = one_step[:, -1]
                 returns = [g]
                 for t in range(one_step.shape[1] - 2, -1, -1):
                     g = one_step[:, t] + self.td_lambda * (g - v_boot[:, t + 1])
+                    if at_stop is not None:
+                        g = torch.where(at_stop[:, t], one_step[:, t], g)
                     returns.append(g)
                 targets = torch.stack(returns[::-1], dim=1)
-        return values, targets
+        return values, targets, live
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
         model, task, k = batch.model, batch.task, batch.n_particles
         require_twist("rl", model)
-        prompt = task.prompt_ids
         with torch.no_grad():
             sis = batch.sample(ess_threshold=0.0)
-        values, targets = self.regression(model, prompt, sis.tokens, sis.log_phi, batch.cond)
+        lengths = sis.lengths if task.stopping is not None else None
+        values, targets, live = self.regression(
+            model, task, sis.tokens, sis.log_phi, batch.cond, lengths
+        )
         uniform = torch.full((k,), 1.0 / k, device=values.device)
         weights = [uniform]
         metrics: dict[str, float] = {}
@@ -162,26 +206,35 @@ class RL:
             with torch.no_grad():
                 pos_tokens = batch.draw_exact(k)
                 pos_log_phi = task.log_phi(pos_tokens, batch.cond)
-            v2, y2 = self.regression(model, prompt, pos_tokens, pos_log_phi, batch.cond)
+            v2, y2, live2 = self.regression(model, task, pos_tokens, pos_log_phi, batch.cond)
             values, targets = torch.cat([values, v2]), torch.cat([targets, y2])
+            if live is not None and live2 is not None:
+                live = torch.cat([live, live2])
             weights.append(
                 torch.full((pos_tokens.shape[0],), 1.0 / pos_tokens.shape[0]).to(uniform)
             )
         u = torch.cat(weights)
+        if live is not None:  # a stopping task: the steps t ≤ ℓ, still divided by the cap T
+            # (masked before the difference: after the stop, ψ and its targets may be -inf)
+            values, targets = values.where(live, 0.0), targets.where(live, 0.0)
         per_row = (values - targets).pow(2).mean(dim=1)  # ℓ(s) of every row
         loss = (u * per_row).sum()
         loss_q = per_row[:k].mean()
         metrics["train/loss_q"] = float(loss_q.detach())
         if self.positives != "sis":
             metrics["train/loss_sigma"] = float((loss - loss_q).detach())
-        vals = values[:k].detach()
+        vals, tgts = values[:k].detach(), targets[:k]
+        n_live = vals.numel() if live is None else live[:k].sum().clamp(min=1)
         metrics.update(
             {
                 "train/loss": float(loss.detach()),
-                "train/log_psi_mean": float(vals.mean()),
-                "train/log_psi_T_mean": float(vals[:, -1].mean()),
+                "train/log_psi_mean": float(vals.sum() / n_live),  # over the live steps
+                # log ψ of the full (fixed-length) or finished (stopping) sequence
+                "train/log_psi_T_mean": float(
+                    (vals[:, -1] if live is None else vals.gather(1, _last(live[:k]))).mean()
+                ),
                 "train/log_phi_mean": float(sis.log_phi.mean()),
-                "train/target_mean": float(targets[:k].mean()),
+                "train/target_mean": float(tgts.sum() / n_live),
                 "train/log_z_hat": sis.log_z_hat,
             }
         )
