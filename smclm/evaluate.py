@@ -1,4 +1,6 @@
-"""Evaluation of a twisted proposal: exact (enumeration) and/or estimated (bounds, KL).
+"""Evaluation of a twisted proposal: exact (enumeration) and/or estimated (bounds, KL), or the
+sentence-continuation metrics of the run's sampler (``evaluator=sentences``,
+:mod:`smclm.evaluators.sentences`).
 
 ``run_evaluation`` is what the trainer calls on its schedule; ``evaluate(cfg)`` is `smclm eval`:
 a trained run's checkpoint (``run=<dir>``), or the configured model/task/twist with no run.
@@ -33,11 +35,34 @@ class Evaluator:
 
     ``evaluator.name=auto`` is resolved here (:func:`choose_evaluator`) and the choice written
     back to ``cfg.evaluator.name``, so that the run's saved config records it.
+
+    ``evaluator=sentences``: :class:`smclm.evaluators.sentences.SentenceEvaluator` on the
+    task's test prompts; ``untrained`` (``smclm eval`` without ``run=``): its ``sampler=auto``
+    samples p₀, not the configured (untrained) twist.
     """
 
-    def __init__(self, cfg: DictConfig, world: World, pool: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        world: World,
+        pool: torch.Tensor | None,
+        untrained: bool = False,
+    ) -> None:
         self.cfg, self.world, self.pool = cfg, world, pool
         self.name = cfg.evaluator.name
+        self.sentences = None
+        if self.name == "sentences":
+            from smclm.evaluators.sentences import SentenceEvaluator
+
+            self.sentences = SentenceEvaluator(
+                cfg.evaluator,
+                world.model,
+                world.tokenizer,
+                world.task,
+                smc=cfg.smc,
+                seed=int(cfg.seed),
+                untrained=untrained,
+            )
         if self.name == "auto":
             self.name = choose_evaluator(
                 world.model.vocab_size,
@@ -54,7 +79,7 @@ class Evaluator:
             )
 
     def _enumerable(self) -> bool:
-        if self.name == "none":
+        if self.name in ("none", "sentences"):
             return False
         v, t = self.world.model.vocab_size, self.world.task.output_len
         limit = int(self.cfg.evaluator.get("max_sequences", 1_000_000))
@@ -88,6 +113,11 @@ class Evaluator:
     def __call__(self, step: int) -> dict[str, float | str]:
         if self.name == "none":
             return {}
+        if self.sentences is not None:
+            gen = torch.Generator(device=self.world.device).manual_seed(
+                int(self.cfg.seed) * 1_000_003 + step
+            )
+            return self.sentences(step, gen)
         out: dict[str, float | str] = {}
         log_z_exact = None
         model, task = self.world.model, self.world.task
@@ -141,7 +171,8 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, float | 
     world, eval_cfg, ckpt = world_for(cfg, ("evaluator", "smc", "device", "exact_samples"))
     if ckpt is not None:
         out_dir = Path(cfg.run) / "eval"
-    evaluator = Evaluator(eval_cfg, world, None)  # checks enumerability before any sampling
+    # checks enumerability (or the sentence evaluator's settings) before any sampling
+    evaluator = Evaluator(eval_cfg, world, None, untrained=ckpt is None)
     if evaluator.needs_pool:
         evaluator.pool = exact_pool(eval_cfg, world)
     metrics = evaluator(step=0)

@@ -1,6 +1,6 @@
 """Metrics and ``generate`` baselines of the sentence-continuation experiment (Hu et al., ICLR
 2024, §4.1, Figure 3), as the paper's code computes them (``../shared/docs/gfn-paper-spec.md``
-§1.4). A library module: nothing here is wired into the CLI yet.
+§1.4). Wired into the CLI as ``evaluator=sentences`` (end of this docstring).
 
 Metrics (:func:`sentence_metrics`), per test prompt X and its n samples z⁽¹⁾..z⁽ⁿ⁾ (token ids up to
 and including the stop, the prompt excluded):
@@ -45,10 +45,20 @@ step. The methods (:data:`BASELINES`):
 * ``greedy``: one sequence, repeated n times.
 
 The paper's "[fair]" beam variants (n beams instead of 5n) are ``beams_per_sample=1``.
+
+``evaluator=sentences`` (:class:`SentenceEvaluator`, called by :class:`smclm.evaluate.Evaluator`
+on the trainer's schedule and by ``smclm eval``): for each test prompt of the task
+(``task.test_prompts``; the task's own prompt when it has none), n samples from the run's own
+sampler (:func:`run_sampler`: the policy, else twisted SMC with the learned twist, else p₀;
+``smclm eval`` without ``run=``: p₀), all ending at the stop (:func:`draw_sentences`), their
+metrics as ``sent/<metric>``, the mean SIS/SMC log Ẑ of the sampler's runs (``sent/log_z_hat``,
+a stochastic lower bound on log Z of the task's (tempered) target) and the requested baselines as
+``sent/<baseline>/<metric>``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +69,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from smclm.errors import UserError
+from smclm.smc.sampler import run_smc
+
+log = logging.getLogger(__name__)
 
 PAPER_EMBEDDER = "sentence-transformers/all-mpnet-base-v2"
 GROUP_BEAM_REPO = "transformers-community/group-beam-search"
@@ -371,3 +384,244 @@ def generate_baselines(
         except BaselineUnavailable as e:
             skipped[method] = str(e)
     return done, skipped
+
+
+# -- evaluator=sentences ------------------------------------------------------------------------
+SAMPLERS = ("auto", "policy", "twisted_smc", "p0")
+EMBEDDERS = ("auto", "paper", "lm")
+METRICS = ("max_log_lik", "mean_log_lik", "diversity", "mean_len")
+
+
+def run_sampler(model: Any) -> str:
+    """The sampler a run has: its policy (GFlowNet, PPO), else twisted SMC with its learned
+    twist, else plain p₀."""
+    if model.policy is not None:
+        return "policy"
+    return "twisted_smc" if model.twist is not None else "p0"
+
+
+def draw_sentences(
+    model: Any,
+    task: Any,
+    n: int,
+    sampler: str,
+    *,
+    n_particles: int,
+    resampling: str,
+    ess_threshold: float,
+    generator: torch.Generator | None = None,
+) -> tuple[list[list[int]], float]:
+    """n finished samples of ``task``'s prompt (id lists ending at their stop) and the run's
+    log Ẑ. ``policy`` / ``p0``: n independent draws (one SIS run of n particles: the policy's
+    proposal, or p₀'s); ``twisted_smc``: one SMC run of ``n_particles`` with the learned twist
+    (resampling as configured), then n draws (with replacement) from its final weights."""
+    if sampler == "twisted_smc":
+        proposal_model, k, threshold = model, int(n_particles), float(ess_threshold)
+    else:
+        proposal_model = model.with_twist(None, keep_policy=sampler == "policy")
+        k, threshold = int(n), 0.0
+    res = run_smc(
+        proposal_model,
+        task.prompt_ids,
+        task.output_len,
+        task.bind(),
+        k,
+        resampling=resampling,
+        ess_threshold=threshold,
+        generator=generator,
+        stopping=task.stopping,
+    )
+    if sampler == "twisted_smc":
+        idx = torch.multinomial(res.normalized_weights, n, replacement=True, generator=generator)
+    else:
+        idx = torch.arange(n)
+    if res.lengths is None:  # only fixed-length tasks have none; SentenceEvaluator refuses them
+        raise ValueError(f"task '{task.name}' does not stop; sentences need a stop token")
+    lengths = res.lengths.tolist()
+    rows = res.tokens.tolist()
+    return [rows[i][: lengths[i]] for i in idx.tolist()], float(res.log_z_hat)
+
+
+class SentenceEvaluator:
+    """``evaluator=sentences`` (configs/evaluator/sentences.yaml): the experiment's metrics of
+    the run's own sampler on the task's test prompts, and of the ``generate`` baselines (computed
+    once: they sample p₀, which training does not change). Settings are checked at construction,
+    before anything is sampled."""
+
+    def __init__(
+        self,
+        ev: Any,
+        model: Any,
+        tokenizer: Any,
+        task: Any,
+        *,
+        smc: Any,
+        seed: int = 0,
+        untrained: bool = False,
+    ) -> None:
+        from smclm.errors import ConfigError
+
+        if not getattr(task, "stop_ids", ()):
+            raise ConfigError(
+                f"evaluator=sentences needs a task that stops (task.stop); task '{task.name}' "
+                "has fixed-length outputs: use task=next_sentence, or evaluator=exact|bounds"
+            )
+        self.model, self.tokenizer, self.task = model, tokenizer, task
+        self.n = _int_setting(ev, "n_samples", 8, 1)
+        baselines = list(ev.get("baselines") or [])
+        unknown = [b for b in baselines if b not in BASELINES]
+        if unknown:
+            raise ConfigError(
+                f"evaluator.baselines={baselines}: unknown {', '.join(map(str, unknown))}; "
+                f"pick from {', '.join(BASELINES)}"
+            )
+        self.baselines = baselines
+        sampler = str(ev.get("sampler", "auto"))
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"evaluator.sampler={sampler} must be one of {', '.join(SAMPLERS)}")
+        if sampler == "auto":  # smclm eval without run=: the configured twist is untrained
+            sampler = "p0" if untrained else run_sampler(model)
+        if sampler == "policy" and model.policy is None:
+            raise ConfigError("evaluator.sampler=policy, but the model has no policy; use auto")
+        if sampler == "twisted_smc" and model.twist is None:
+            raise ConfigError("evaluator.sampler=twisted_smc, but the model has no twist; use auto")
+        self.sampler = sampler
+        self.embedder_kind = str(ev.get("embedder", "auto"))
+        if self.embedder_kind not in EMBEDDERS:
+            raise ConfigError(
+                f"evaluator.embedder={self.embedder_kind} must be one of {', '.join(EMBEDDERS)}"
+            )
+        taus = ev.get("tau")
+        if taus is None:
+            taus = getattr(task, "tau", None)
+            taus = [] if taus is None else [taus]
+        elif not isinstance(taus, (int, float)):
+            taus = list(taus)
+        else:
+            taus = [taus]
+        if any(not (isinstance(t, (int, float)) and t > 0) for t in taus):
+            raise ConfigError(f"evaluator.tau={ev.get('tau')} must be a positive number or a list")
+        self.taus = [float(t) for t in taus]
+        n_prompts = ev.get("n_prompts")
+        prompts = list(getattr(task, "test_prompts", ()) or ()) or [task.prompt_ids]
+        if n_prompts is not None:
+            if not (isinstance(n_prompts, int) and n_prompts > 0):
+                raise ConfigError(f"evaluator.n_prompts={n_prompts} must be a positive integer")
+            prompts = prompts[:n_prompts]
+        self.prompts = prompts
+        self.n_particles = int(smc.n_particles)
+        self.resampling, self.ess_threshold = str(smc.resampling), float(smc.ess_threshold)
+        self.seed = int(seed)
+        self._embedder: Embedder | None = None
+        self._baselines: dict[str, Any] | None = None
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            base = self.model.base
+            if self.embedder_kind == "lm":
+                self._embedder = lm_embedding_embedder(base, self.tokenizer)
+            elif self.embedder_kind == "paper":
+                found = paper_embedder(next(base.parameters()).device)
+                if found is None:
+                    raise UserError(
+                        f"evaluator.embedder=paper: {PAPER_EMBEDDER} did not load (install "
+                        "sentence-transformers and cache the model, or use evaluator.embedder=auto)"
+                    )
+                self._embedder = found
+            else:
+                self._embedder = default_embedder(base, self.tokenizer)
+        return self._embedder
+
+    def prompt_task(self, prompt: Tensor) -> Any:
+        """The task conditioned on one test prompt."""
+        if torch.equal(prompt.cpu(), self.task.prompt_ids.cpu()):
+            return self.task
+        return self.task.for_prompt(prompt)
+
+    @torch.no_grad()
+    def __call__(self, step: int, generator: torch.Generator | None = None) -> dict[str, Any]:
+        stop_ids = list(self.task.stop_ids)
+        samples, log_z = [], []
+        for prompt in self.prompts:
+            group, lz = draw_sentences(
+                self.model,
+                self.prompt_task(prompt),
+                self.n,
+                self.sampler,
+                n_particles=self.n_particles,
+                resampling=self.resampling,
+                ess_threshold=self.ess_threshold,
+                generator=generator,
+            )
+            samples.append(group)
+            log_z.append(lz)
+        m = sentence_metrics(
+            self.model, self.tokenizer, self.prompts, samples, stop_ids, self.embedder
+        )
+        out: dict[str, Any] = {f"sent/{k}": m[k] for k in METRICS}
+        out.update(
+            {
+                "sent/log_z_hat": sum(log_z) / len(log_z),
+                "sent/embedder": m["embedder"],
+                "sent/sampler": self.sampler,
+                "sent/n_prompts": len(self.prompts),
+                "sent/n_samples": self.n,
+            }
+        )
+        out.update(self.baseline_metrics())
+        return out
+
+    def baseline_metrics(self) -> dict[str, Any]:
+        """``sent/<baseline>/<metric>`` of each requested baseline (once; cached); a skipped one
+        gets ``sent/<baseline>/skipped`` = why, and one warning."""
+        if self._baselines is not None:
+            return self._baselines
+        out: dict[str, Any] = {}
+        runs: list[tuple[str, str, float | None]] = []  # (key, method, tau)
+        for method in self.baselines:
+            if method != "sample_tempered":
+                runs.append((method, method, None))
+            elif len(self.taus) == 1:
+                runs.append((method, method, self.taus[0]))
+            else:
+                runs += [(f"{method}_tau{t:g}", method, t) for t in self.taus]
+            if method == "sample_tempered" and not self.taus:
+                out[f"sent/{method}/skipped"] = "no tau (set evaluator.tau or task.tau)"
+                log.warning("evaluator=sentences: skipping %s: no tau given", method)
+        for key, method, tau in runs:
+            done, skipped = generate_baselines(
+                self.model,
+                self.task,
+                self.prompts,
+                self.n,
+                methods=[method],
+                tau=tau,
+                seed=self.seed,
+            )
+            if method in skipped:
+                out[f"sent/{key}/skipped"] = skipped[method]
+                log.warning("evaluator=sentences: skipping baseline %s: %s", key, skipped[method])
+                continue
+            m = sentence_metrics(
+                self.model,
+                self.tokenizer,
+                self.prompts,
+                done[method],
+                list(self.task.stop_ids),
+                self.embedder,
+            )
+            out.update({f"sent/{key}/{k}": m[k] for k in METRICS})
+            if tau is not None:
+                out[f"sent/{key}/tau"] = tau
+        self._baselines = out
+        return out
+
+
+def _int_setting(ev: Any, key: str, default: int, low: int) -> int:
+    from smclm.errors import ConfigError
+
+    val = ev.get(key, default)
+    if not (isinstance(val, int) and not isinstance(val, bool) and val >= low):
+        raise ConfigError(f"evaluator.{key}={val} must be an integer ≥ {low} (e.g. {default})")
+    return val
