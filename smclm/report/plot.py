@@ -10,6 +10,13 @@
   exact KLs dashed when logged. Estimated KLs use the task's consistent log Z (as the table does)
   with each row's ``bounds/f_q`` / ``bounds/g_q``, else the row's own ``kl/q_sigma`` /
   ``kl/sigma_q``.
+* ``plot_sentences`` (``fig3_sentences.png``, only when some run has ``sent/*`` metrics:
+  ``evaluator=sentences``): Figure 3 of Hu et al. (ICLR 2024), diversity (x) against the max
+  log-likelihood over a prompt's samples (y), one labelled point per (method, τ): each run's
+  ``sent/diversity`` and ``sent/max_log_lik`` (its method's name and ``task.tau``; p₀ for a run
+  without a method, e.g. ``smclm eval`` without ``run=``), and each baseline logged by such an
+  evaluation (``sent/<baseline>/…``) as its own point. Seeds of one point are averaged. The paper
+  gives Figure 3 as a plot only: no paper numbers are drawn.
 
 Figures are drawn with matplotlib's Agg canvas (no display, no global backend change).
 """
@@ -264,14 +271,88 @@ def plot_kl_curves(root: str | os.PathLike, out_path: str | os.PathLike) -> Path
     return _save(fig, out_path)
 
 
+# -- Figure 3 of Hu et al.: diversity vs max log-likelihood ------------------------------------
+
+SENT_KEY = re.compile(r"^sent/(?:([^/]+)/)?(max_log_lik|diversity)$")
+METHOD_LABEL = {"none": "p₀", "ctl": "ctl (twisted SMC)"}
+
+
+def _tau_text(tau: object) -> str:
+    return f" τ={float(tau):g}" if isinstance(tau, (int, float)) and _finite(tau) else ""
+
+
+def sentence_points(runs: list[Run]) -> dict[str, tuple[float, float, int]]:
+    """{label: (mean diversity, mean max log-likelihood, runs averaged)}: one point per
+    (method, τ) from each run's ``sent/*`` and per baseline from ``sent/<baseline>/*``."""
+    acc: dict[str, list[tuple[float, float]]] = {}
+    for r in runs:
+        final = r.final
+        task_cfg = r.config.get("task")
+        task = task_cfg if isinstance(task_cfg, dict) else {}
+        sources: dict[str | None, dict[str, float]] = {}
+        for key, val in final.items():
+            m = SENT_KEY.match(key)
+            if m and isinstance(val, (int, float)) and _finite(val):
+                sources.setdefault(m.group(1), {})[m.group(2)] = float(val)
+        for baseline, vals in sources.items():
+            if len(vals) < 2:
+                continue
+            if baseline is None:
+                label = METHOD_LABEL.get(r.method, r.method) + _tau_text(task.get("tau"))
+            else:
+                label = baseline.split("_tau")[0] + _tau_text(final.get(f"sent/{baseline}/tau"))
+            acc.setdefault(label, []).append((vals["diversity"], vals["max_log_lik"]))
+    return {
+        label: (statistics.fmean(d for d, _ in v), statistics.fmean(y for _, y in v), len(v))
+        for label, v in acc.items()
+    }
+
+
+def plot_sentences(root: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Hu et al.'s Figure 3 from the runs' ``sent/*`` metrics (module docstring)."""
+    points = sentence_points(require_runs(root))
+    if not points:
+        raise NoPlotDataError(
+            f"no sentence metrics (sent/diversity, sent/max_log_lik) in the runs under {root}; "
+            "evaluate with evaluator=sentences"
+        )
+    fig, axes = _figure(1, 1, width=6.4, height=4.8)
+    ax = axes[0]
+    families = sorted({label.split(" ")[0] for label in points})
+    colours = {f: f"C{i % 10}" for i, f in enumerate(families)}
+    for label, (x, y, n) in sorted(points.items()):
+        family = label.split(" ")[0]
+        ax.scatter([x], [y], color=colours[family], s=36, zorder=3)
+        ax.annotate(
+            label + (f" (n={n})" if n > 1 else ""),
+            (x, y),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=7,
+        )
+    ax.set_xlabel("diversity (1 − mean pairwise cosine similarity)")
+    ax.set_ylabel("max log-likelihood over a prompt's samples")
+    ax.set_title("sentence continuation (Hu et al. Fig. 3; no paper numbers)")
+    ax.grid(alpha=0.3)
+    return _save(fig, out_path)
+
+
+def _has_sentences(root: str | os.PathLike) -> bool:
+    return any(k.startswith("sent/") for r in require_runs(root) for k in r.final)
+
+
 def make_plots(root: str | os.PathLike) -> list[Path]:
-    """Write log_z_bounds.png and kl_curves.png into root; skip (with a warning) one without data.
+    """Write log_z_bounds.png and kl_curves.png into root (and fig3_sentences.png when runs have
+    ``sent/*`` metrics); skip (with a warning) one without data.
 
     Raises NoRunsError when there are no runs under root at all.
     """
     require_runs(root)
     written = []
-    for fn, name in ((plot_bounds, "log_z_bounds.png"), (plot_kl_curves, "kl_curves.png")):
+    plots = [(plot_bounds, "log_z_bounds.png"), (plot_kl_curves, "kl_curves.png")]
+    if _has_sentences(root):
+        plots.append((plot_sentences, "fig3_sentences.png"))
+    for fn, name in plots:
         try:
             written.append(fn(root, Path(root) / name))
         except NoPlotDataError as err:
