@@ -1,5 +1,5 @@
 # Shared by scripts/paper/*.sh (sourced, not run). A script sets, then sources this file:
-#   RESULT       the paper result, a key of smclm/report/paper_results.yaml (e.g. table8)
+#   RESULT       the paper result, a key of smclm/report/paper_results.yaml (e.g. table8), or none
 #   EXPERIMENT   the experiment config its runs use (e.g. infilling_2)
 #   METHODS      the paper's methods, comma-separated
 #   PAPER CPU SMOKE   bash arrays of Hydra overrides for each profile (the reductions)
@@ -72,7 +72,8 @@ for arg in "${EXTRA[@]}"; do
 done
 EXTRA=("${KEEP[@]}")
 [[ -x "$SMCLM" ]] || die "smclm not found; run make install (or put smclm on PATH, or set SMCLM=...)"
-"$SMCLM" table --paper "$RESULT" --methods "$METHODS" >/dev/null
+# RESULT=none: a result without numbers in paper_results.yaml (another paper's figure): no check
+[[ "$RESULT" == none ]] || "$SMCLM" table --paper "$RESULT" --methods "$METHODS" >/dev/null
 overridden() { local a; for a in "${EXTRA[@]}"; do [[ "$(key_of "$a")" == "$(key_of "$1")" ]] && return 0; done; return 1; }
 KEEP=()
 for arg in "${REDUCE[@]}"; do overridden "$arg" || KEEP+=("$arg"); done
