@@ -105,6 +105,9 @@ class ComputeMeter:
                 return from_cache(model, ctx, tokens, cond)
 
             counted.from_cache = counted_from_cache  # type: ignore[attr-defined]
+        exponent = getattr(inner, "log_p0_exponent", None)
+        if exponent is not None:  # Task.log_phi_from_log_p0: scored without calling it
+            counted.log_p0_exponent = exponent  # type: ignore[attr-defined]
         for_prompt = getattr(inner, "for_prompt", None)
         if for_prompt is not None:  # Task.for_prompt rebinds the inner potential (then watch it)
             counted.for_prompt = for_prompt  # type: ignore[attr-defined]

@@ -250,6 +250,8 @@ def test_the_tempered_potential_is_the_samplers_log_p0_to_the_power(tiny_gpt2_di
         assert int(res.lengths.max()) == t.output_len
         expected = (1.0 / tau - 1.0) * res.log_p0
         torch.testing.assert_close(res.log_phi, expected, rtol=1e-4, atol=1e-3)
+        # the potential's own teacher-forced pass (the sampler takes log φ from its log p̃₀)
+        torch.testing.assert_close(t.log_phi(res.tokens), expected, rtol=1e-4, atol=1e-3)
     # the rebound potential does depend on the prompt
     z = res.tokens[:4]
     assert not torch.allclose(task.log_phi(z), task.for_prompt(task.test_prompts[3]).log_phi(z))
@@ -331,3 +333,28 @@ def test_training_on_every_prompt_refuses_an_evaluator_that_needs_exact_samples(
     err = res.stderr.strip().splitlines()
     assert any("training draws from 50 prompts" in line for line in err), res.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_modified_subtb_takes_the_tempered_prefix_rewards_from_log_p0(tiny_gpt2_dir):
+    """Modified SubTB's prefix rewards log φ(z_1:i ⊤) come from its own log p̃₀ when φ is a
+    power of p̃₀ (Task.log_phi_from_log_p0); the loss equals the one that calls the potential
+    on every prefix + stop."""
+    from dataclasses import replace
+
+    from smclm.methods.base import TrainContext
+
+    _, world = _world(tiny_gpt2_dir, "method=gfn", "task.output_len=6", "task.tau=0.7")
+    task, model, method = world.task, world.model, world.learner
+    batch = TrainContext(model, task, 8, torch.Generator().manual_seed(0))
+    method.setup(batch, 1e-3)
+    with torch.no_grad():
+        res = batch.sample(ess_threshold=0.0)
+    log_r = res.log_p0 + res.log_phi
+    plain = replace(task, potential=lambda z, c=None: task.potential(z, c))  # no exponent
+    assert plain.log_phi_from_log_p0(res.log_p0) is None
+    losses = []
+    for t in (task, plain):
+        batch.task = t
+        loss, _, _ = method.batch_loss(batch, res.tokens, log_r, 1.0, None, None)
+        losses.append(float(loss.detach()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-4)

@@ -23,28 +23,30 @@
 #          stopping, 32 prompts × 8 per optimiser step; smclm takes one prompt per update). For the
 #          paper's prompts add task.prompts=<its prompts.txt> task.n_train=950 task.n_test=50
 #          (default: smclm's built-in 50/10 prompts)
-#   cpu    SmolLM2-135M offline, a first guess not yet timed: τ ∈ {0.8, 0.9}, 100 updates, H = 50,
-#          8 samples on 5 test prompts
+#   cpu    SmolLM2-135M offline, ≈ 50 min on 2 idle cores: τ ∈ {0.8, 0.9}, 60 updates, H = 30, the
+#          LoRA policy's and CTL twist's lr 1e-3 (the paper's 1e-4 barely moves in 60 updates),
+#          8 samples on 5 test prompts (docs/results/gfn_fig3_smollm2_cpu.md)
 #   smoke  seconds, for tests (with tiny models passed as overrides)
 RESULT=none
 EXPERIMENT=gfn_next_sentence
 METHODS=gfn,ctl
 PAPER=(seed=27 model.name=gpt2-xl)
-CPU=(seed=0 train.updates=100 train.eval_every=50 evaluator.n_prompts=5)
+CPU=(seed=0 train.updates=60 train.eval_every=30 evaluator.n_prompts=5)
 SMOKE=(seed=0 train.updates=2 train.eval_every=2 smc.n_particles=4 task.output_len=8
   evaluator.n_samples=3 evaluator.n_prompts=2 train.progress=false)
 declare -A TAUS=([paper]="0.8 0.85 0.9 0.95" [cpu]="0.8 0.9" [smoke]="0.9")
-declare -A HORIZON=([paper]=750 [cpu]=50 [smoke]=2)
+declare -A HORIZON=([paper]=750 [cpu]=30 [smoke]=2)
+declare -A LR=([paper]=1e-4 [cpu]=1e-3 [smoke]=1e-4)  # GFN's policy and CTL's twist
 source "$(dirname "$0")/_common.sh"
 
 read -ra taus <<<"${TAUS[$PROFILE]}"
 for tau in "${taus[@]}"; do
   inverse="$(awk -v t="$tau" 'BEGIN { printf "%.10g", 1 / t }')"
   sweep "gfn_tau$tau" "method=$(pick gfn)" "task.tau=$tau" "method.tau_r_start=$inverse" \
-    method.tau_r_end=1 "method.tau_r_updates=${HORIZON[$PROFILE]}"
+    method.tau_r_end=1 "method.tau_r_updates=${HORIZON[$PROFILE]}" "method.lr=${LR[$PROFILE]}"
 done
 listed="$(IFS=,; echo "${taus[*]}")"
-sweep ctl "method=$(pick ctl)" "task.tau=$listed"
+sweep ctl "method=$(pick ctl)" "task.tau=$listed" "method.lr=${LR[$PROFILE]}"
 # p₀ and the generate baselines on the same test prompts: one evaluation without a run
 matching '^[+~]*(model|task|smc|evaluator|device|threads|seed)[.=]'  # what eval takes
 echo "== $NAME ($PROFILE): p₀ and the generate baselines"

@@ -737,10 +737,13 @@ class GFN:
             state = torch.arange(t_len, device=dev)[None]  # i = 0..T−1
             valid = state <= (lengths[:, None] - 1)  # the row's states z_1:i, i < ℓ
             terminable = (state + 1 >= stopping.min_len) & valid
-            log_phi = _prefix_log_phi(task, tokens, terminable, cond)  # [N, T, S]
-            log_r_stop = (
-                lp0_prefix[:, :t_len, None] + log_p0_all.index_select(-1, stops) + log_phi
-            ) / tau_r
+            log_p0_stop = lp0_prefix[:, :t_len, None] + log_p0_all.index_select(-1, stops)
+            log_phi = task.log_phi_from_log_p0(log_p0_stop)  # φ a power of p̃₀: no extra pass
+            if log_phi is None:
+                log_phi = _prefix_log_phi(task, tokens, terminable, cond)  # [N, T, S]
+            else:
+                log_phi = log_phi.masked_fill(~terminable[..., None], 0.0)
+            log_r_stop = (log_p0_stop + log_phi) / tau_r
             log_r = torch.where(
                 terminable,
                 torch.logsumexp(log_r_stop, -1),

@@ -466,7 +466,10 @@ def _stopping_update(
     stopped = stop.is_stop(s_t) & ~was
     rows = stopped.nonzero().squeeze(1)
     if rows.numel():
-        phi = _phi_of_rows(log_phi, tokens, rows).float().to(log_p0.device)
+        via_p0 = getattr(log_phi, "from_log_p0", None)  # φ a power of p̃₀: no pass of its own
+        phi = None if via_p0 is None else via_p0(log_p0.index_select(0, rows))
+        if phi is None:
+            phi = _phi_of_rows(log_phi, tokens, rows).float().to(log_p0.device)
         log_gamma = log_gamma.index_put((rows,), log_p0.index_select(0, rows) + phi)
     log_gamma = torch.where(was, state.log_gamma, log_gamma)
     log_alpha = torch.where(was, zero, log_gamma - state.log_gamma - log_q_t)

@@ -76,6 +76,14 @@ class Task:
             self, prompt_ids=ids, potential=self.potential if rebind is None else rebind(ids)
         )
 
+    def log_phi_from_log_p0(self, log_p0: Tensor) -> Tensor | None:
+        """log φ from log p̃₀(z | prompt) of the same sequences (any shape) when the potential is
+        a power of p̃₀ alone (``potential.log_p0_exponent`` = c: log φ = c·log p̃₀, e.g.
+        next_sentence's tempered target), so that callers that hold log p̃₀ (the sampler,
+        modified SubTB's prefix rewards) skip the potential's own pass; None otherwise."""
+        c = getattr(self.potential, "log_p0_exponent", None)
+        return None if c is None else float(c) * log_p0.float()
+
     def log_phi(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
         """log φ(s_1:T [, o]) for tokens [N, T] → [N] float32. A stopping task scores each row's
         finished sequence z_1:ℓ (up to its first stop; the whole row if it has none), calling
@@ -155,6 +163,11 @@ class BoundPotential:
     def stopping(self) -> Stopping | None:
         """The task's stopping rule: the sampler stops where the task says."""
         return self.task.stopping
+
+    def from_log_p0(self, log_p0: Tensor) -> Tensor | None:
+        """:meth:`Task.log_phi_from_log_p0` (checked), or None."""
+        out = self.task.log_phi_from_log_p0(log_p0)
+        return None if out is None else self.task.checked(out)
 
     def select(self, rows: Tensor) -> BoundPotential:
         """The same potential for the particles ``rows`` only (their conditioning rows)."""

@@ -179,7 +179,8 @@ class TemperedPotential:
 
     def __init__(self, base: Any, prompt_ids: Tensor, tau: float, batch_size: int = 64) -> None:
         self.base, self.prompt_ids, self.tau = base, prompt_ids, float(tau)
-        self.exponent = 1.0 / self.tau - 1.0
+        # Task.log_phi_from_log_p0: callers holding log p̃₀ (the sampler, modified SubTB) use it
+        self.log_p0_exponent = 1.0 / self.tau - 1.0
         self.batch_size = int(batch_size)
 
     def for_prompt(self, prompt_ids: Tensor) -> TemperedPotential:
@@ -199,7 +200,7 @@ class TemperedPotential:
             h = self.base.base_model(input_ids=ids).last_hidden_state[:, p_len - 1 :]
             out.append(token_log_probs(self.base, h, z).sum(1))
         log_p = torch.cat(out).to(tokens.device) if out else tokens.new_zeros(0).float()
-        return self.exponent * log_p
+        return self.log_p0_exponent * log_p
 
 
 def next_sentence_task(
