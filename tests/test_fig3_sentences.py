@@ -211,6 +211,24 @@ def test_the_figure_3_plot_from_hand_made_runs(tmp_path):
         "beam": (0.0, -8.0, 1),
         "sample_tempered τ=0.8": (0.25, -15.0, 1),
     }
+    # smclm table: one row per task (and τ) × method, and one per generate baseline
+    from smclm.report.table import build_rows, render_markdown
+
+    rows = {(r["task"], r["method"]): r for r in build_rows(find_runs(root))}
+    assert set(rows) == {
+        ("next_sentence (τ=0.8)", "gfn"),
+        ("next_sentence (τ=0.9)", "ctl"),
+        ("next_sentence", "none"),
+        ("next_sentence", "beam (generate)"),
+        ("next_sentence", "sample_tempered_tau0.8 (generate)"),
+    }
+    gfn_row = rows[("next_sentence (τ=0.8)", "gfn")]
+    assert gfn_row["sent_diversity"] == pytest.approx(0.3) and gfn_row["n"] == 2
+    assert gfn_row["sent_max_log_lik_ci95"] == pytest.approx(1.96 * math.sqrt(2) / math.sqrt(2))
+    assert rows[("next_sentence", "beam (generate)")]["sent_max_log_lik"] == -8.0
+    md = render_markdown(build_rows(find_runs(root)))
+    assert "| max log-lik | mean log-lik | diversity | length |" in md
+    assert "| beam (generate) |" in md
     written = make_plots(root)
     assert root / "fig3_sentences.png" in written
     assert (root / "fig3_sentences.png").stat().st_size > 1000

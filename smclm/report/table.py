@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 from dataclasses import dataclass, field
@@ -53,6 +54,15 @@ EXACT_COLUMNS = (
     ("kl_q_sigma_exact", "KL(q‖σ) exact", "kl/q_sigma_exact"),
     ("kl_sigma_q_exact", "KL(σ‖q) exact", "kl/sigma_q_exact"),
 )
+# evaluator=sentences (Hu et al. Figure 3); shown when some run of the task has them. The
+# generate baselines of an evaluation (sent/<baseline>/<metric>) get rows of their own.
+SENT_COLUMNS = (
+    ("sent_max_log_lik", "max log-lik", "sent/max_log_lik"),
+    ("sent_mean_log_lik", "mean log-lik", "sent/mean_log_lik"),
+    ("sent_diversity", "diversity", "sent/diversity"),
+    ("sent_mean_len", "length", "sent/mean_len"),
+)
+_BASELINE_KEY = re.compile(r"^sent/(.+)/max_log_lik$")
 
 
 class NoRunsError(ValueError):
@@ -87,7 +97,13 @@ class Run:
 
     @property
     def task(self) -> str:
-        return self._name("task", "run/task")
+        """The task's name, with its target temperature when it has one ≠ 1 (task.tau)."""
+        name = self._name("task", "run/task")
+        node = self.config.get("task")
+        tau = node.get("tau") if isinstance(node, dict) else None
+        if isinstance(tau, (int, float)) and float(tau) != 1.0:
+            return f"{name} (τ={float(tau):g})"
+        return name
 
     @property
     def method(self) -> str:
@@ -206,9 +222,27 @@ def run_kls(final: dict[str, Any], log_z: float | None) -> dict[str, float | Non
             out[key] = float(fb)
         else:
             out[key] = None
-    for key, _, metric in EXACT_COLUMNS:
+    for key, _, metric in EXACT_COLUMNS + SENT_COLUMNS:
         out[key] = float(final[metric]) if _finite(final.get(metric)) else None
     return out
+
+
+def baseline_rows(task: str, finals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per ``generate`` baseline found in the runs' sent/<baseline>/* metrics."""
+    names = sorted({m.group(1) for f in finals for k in f if (m := _BASELINE_KEY.match(k))})
+    rows = []
+    for name in names:
+        row: dict[str, Any] = {"task": task, "method": f"{name} (generate)", "log_z": None}
+        vals_n = 0
+        for key, _, metric in SENT_COLUMNS:
+            vals = [float(v) for f in finals if _finite(v := f.get(f"sent/{name}/{metric[5:]}"))]
+            vals_n = max(vals_n, len(vals))
+            row[key], row[f"{key}_ci95"] = mean_ci(vals)
+        for key in [c[0] for c in KL_COLUMNS] + [c[0] for c in EXACT_COLUMNS]:
+            row[key], row[f"{key}_ci95"] = None, None
+        row["n"] = vals_n
+        rows.append(row)
+    return rows
 
 
 def mean_ci(values: list[float]) -> tuple[float | None, float | None]:
@@ -261,15 +295,22 @@ def build_rows(
             ]
             if steps:
                 row["at_step"] = statistics.fmean(steps)
-            for key in [c[0] for c in KL_COLUMNS] + [c[0] for c in EXACT_COLUMNS]:
+            for key in [c[0] for c in KL_COLUMNS + EXACT_COLUMNS + SENT_COLUMNS]:
                 vals = [v for k in kls if (v := k[key]) is not None]
                 row[key], row[f"{key}_ci95"] = mean_ci(vals)
+            rows.append(row)
+        for row in baseline_rows(task, [finals[r.path] for r in task_runs]):
+            row["log_z"], row["log_z_source"] = log_z, source
             rows.append(row)
     return rows
 
 
 def _has_exact(rows: list[dict[str, Any]]) -> bool:
     return any(row[c[0]] is not None for row in rows for c in EXACT_COLUMNS)
+
+
+def _has_sent(rows: list[dict[str, Any]]) -> bool:
+    return any(row.get(c[0]) is not None for row in rows for c in SENT_COLUMNS)
 
 
 def render_markdown(rows: list[dict[str, Any]], budget: Budget | None = None) -> str:
@@ -284,6 +325,8 @@ def render_markdown(rows: list[dict[str, Any]], budget: Budget | None = None) ->
         cols = list(KL_COLUMNS)
         if _has_exact(task_rows):
             cols += [(c[0], c[1]) for c in EXACT_COLUMNS]
+        if _has_sent(task_rows):
+            cols += [(c[0], c[1]) for c in SENT_COLUMNS]
         at = any("at_step" in row for row in task_rows)
         log_z = task_rows[0]["log_z"]
         lz = "unknown" if log_z is None else f"{log_z:.4f}"
@@ -308,6 +351,7 @@ def render_csv(rows: list[dict[str, Any]], keys: list[str] | None = None) -> str
         keys = ["task", "method", "n", "log_z", "log_z_source"]
         cols = [c[0] for c in KL_COLUMNS]
         cols += [c[0] for c in EXACT_COLUMNS] if _has_exact(rows) else []
+        cols += [c[0] for c in SENT_COLUMNS] if _has_sent(rows) else []
         for c in cols:
             keys += [c, f"{c}_ci95"]
         if any("at_step" in row for row in rows):
