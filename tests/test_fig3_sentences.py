@@ -269,6 +269,10 @@ def test_the_smoke_script_runs_end_to_end(tiny_dir, tmp_path):
     for key in ("beam", "nucleus", "sample", "sample_tempered", "greedy"):
         assert math.isfinite(base[f"sent/{key}/max_log_lik"]), key
     assert "sent/diverse_beam/skipped" in base
+    # the σ reference: importance resampling from p₀ (untrained twist, K = 16 particles)
+    sir = json.loads((out / "runs" / "p0_sir_tau0.9" / "summary.json").read_text())
+    assert sir["sent/sampler"] == "twisted_smc" and math.isfinite(sir["sent/max_log_lik"])
+    assert "| p0_sir_K16 |" in (out / "table.md").read_text()
     assert (out / "fig3_sentences.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "gfn_fig3_next_sentence.sh --profile smoke" in report

@@ -9,7 +9,10 @@
 #   * twisted SMC with CTL twists (method=ctl) at the same τ's: ours, beyond the paper;
 #   * one `smclm eval` of p₀ with the generate baselines on the same test prompts: beam, diverse
 #     beam (unavailable offline: logged as skipped), nucleus, sampling at T = 1 and at each τ,
-#     greedy.
+#     greedy;
+#   * per τ, a reference for σ itself (beyond the paper): importance resampling from p₀ (SIS with
+#     K particles, an untrained twist ψ ≡ 1, weights φ = p̃₀^{1/τ−1}, n draws by weight;
+#     `p0_sir_K<K>` in the table and figure): approximate samples of σ, biased for small K.
 # The paper gives Figure 3 as a plot only: there are no numbers to compare; see fig3_sentences.png
 # (and table.md, a plain table without KLs).
 #
@@ -36,6 +39,7 @@ SMOKE=(seed=0 train.updates=2 train.eval_every=2 smc.n_particles=4 task.output_l
   evaluator.n_samples=3 evaluator.n_prompts=2 train.progress=false)
 declare -A TAUS=([paper]="0.8 0.85 0.9 0.95" [cpu]="0.8 0.9" [smoke]="0.9")
 declare -A HORIZON=([paper]=750 [cpu]=30 [smoke]=2)
+declare -A SIR_K=([paper]=1024 [cpu]=512 [smoke]=16)  # particles of the σ reference
 declare -A LR=([paper]=1e-4 [cpu]=1e-3 [smoke]=1e-4)  # GFN's policy and CTL's twist
 source "$(dirname "$0")/_common.sh"
 
@@ -53,6 +57,14 @@ echo "== $NAME ($PROFILE): p₀ and the generate baselines"
 "$SMCLM" eval task=next_sentence evaluator=sentences twist=none "${MATCHED[@]}" "${RECORD[@]}" \
   "evaluator.baselines=[beam,diverse_beam,nucleus,sample,sample_tempered,greedy]" \
   "evaluator.tau=[$listed]" "hydra.run.dir=$OUT/runs/baselines"
+# A reference for where σ itself lies: importance resampling from p₀ (an untrained twist is
+# ψ ≡ 1, so twisted SIS proposes p₀ and weighs by φ = p̃₀^{1/τ−1}; n draws from K particles)
+for tau in "${taus[@]}"; do
+  echo "== $NAME ($PROFILE): p₀ importance resampling at τ = $tau (K = ${SIR_K[$PROFILE]})"
+  "$SMCLM" eval task=next_sentence evaluator=sentences twist=mlp "${MATCHED[@]}" "${RECORD[@]}" \
+    "task.tau=$tau" evaluator.sampler=twisted_smc "smc.n_particles=${SIR_K[$PROFILE]}" \
+    smc.ess_threshold=0 "hydra.run.dir=$OUT/runs/p0_sir_tau$tau"
+done
 report
 {
   echo

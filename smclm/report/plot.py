@@ -298,7 +298,8 @@ def sentence_points(runs: list[Run]) -> dict[str, tuple[float, float, int]]:
             if len(vals) < 2:
                 continue
             if baseline is None:
-                label = METHOD_LABEL.get(r.method, r.method) + _tau_text(task.get("tau"))
+                method = r.sampler_label
+                label = METHOD_LABEL.get(method, method) + _tau_text(task.get("tau"))
             else:
                 label = baseline.split("_tau")[0] + _tau_text(final.get(f"sent/{baseline}/tau"))
             acc.setdefault(label, []).append((vals["diversity"], vals["max_log_lik"]))

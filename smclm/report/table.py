@@ -110,6 +110,18 @@ class Run:
         return self._name("method", "run/method")
 
     @property
+    def sampler_label(self) -> str:
+        """The method, or for an evaluation without a learner (method none) that drew its
+        sentences by importance resampling from p₀ (``sent/sampler`` twisted_smc with an
+        untrained twist), ``p0_sir_K<K>``: approximate samples of the target σ itself."""
+        method = self.method
+        if method == "none" and self.final.get("sent/sampler") == "twisted_smc":
+            smc = self.config.get("smc")
+            k = smc.get("n_particles") if isinstance(smc, dict) else None
+            return f"p0_sir_K{k}"
+        return method
+
+    @property
     def seed(self) -> Any:
         return self.config.get("seed", self.final.get("run/seed"))
 
@@ -258,7 +270,8 @@ def mean_ci(values: list[float]) -> tuple[float | None, float | None]:
 def _fmt(mean: float | None, ci: float | None) -> str:
     if mean is None:
         return "–"
-    return f"{mean:.3f}" if ci is None else f"{mean:.3f} ± {ci:.3f}"
+    text = f"{mean:.3f}".replace("-0.000", "0.000")
+    return text if ci is None else f"{text} ± {ci:.3f}"
 
 
 def build_rows(
@@ -280,7 +293,7 @@ def build_rows(
         log_z, source = task_log_z([finals[r.path] for r in task_runs])
         methods: dict[str, list[Run]] = {}
         for r in task_runs:
-            methods.setdefault(r.method, []).append(r)
+            methods.setdefault(r.sampler_label, []).append(r)
         for method in sorted(methods, key=_method_rank):
             kls = [run_kls(finals[r.path], log_z) for r in methods[method]]
             row: dict[str, Any] = {
