@@ -27,7 +27,7 @@
 #          paper's prompts add task.prompts=<its prompts.txt> task.n_train=950 task.n_test=50
 #          (default: smclm's built-in 50/10 prompts)
 #   cpu    SmolLM2-135M offline, ≈ 50 min on 2 idle cores: τ ∈ {0.8, 0.9}, 60 updates, H = 30, the
-#          LoRA policy's and CTL twist's lr 1e-3 (the paper's 1e-4 barely moves in 60 updates),
+#          LoRA policy's and CTL twist's lr 1e-3 (chosen to move in 60 updates; 1e-4 not tried),
 #          8 samples on 5 test prompts (docs/results/gfn_fig3_smollm2_cpu.md)
 #   smoke  seconds, for tests (with tiny models passed as overrides)
 RESULT=none
