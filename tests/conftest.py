@@ -150,3 +150,43 @@ def tiny_classifier_dirs(tmp_path_factory):
         "toxicity": save_tiny_classifier(root / "toxicity", "roberta", 1),
         "sentiment": save_tiny_classifier(root / "sentiment", "bert", 5),
     }
+
+
+def byte_level_tokenizer(corpus: list[str], vocab_size: int):
+    """A GPT-2-style byte-level BPE (Ġ space markers, <|endoftext|> as EOS and BOS) trained on
+    the corpus: a real tokenizer class for the sentence tasks, with no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+
+
+def save_tiny_gpt2_with(tok, path) -> str:
+    """A tiny random GPT-2 (2 layers, d = 32) over the tokenizer, saved with it to path."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

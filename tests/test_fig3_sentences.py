@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import byte_level_tokenizer, save_tiny_gpt2_with
 from hydra import compose, initialize_config_module
 
 from smclm.build import build_world
@@ -31,45 +32,14 @@ METRICS = ("max_log_lik", "mean_log_lik", "diversity", "mean_len")
 
 def small_tokenizer():
     """A GPT-2-style byte-level BPE (vocabulary 300) trained on the built-in prompts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from smclm.tasks.next_sentence import builtin_prompts
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(builtin_prompts() * 3, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-    )
+    return byte_level_tokenizer(builtin_prompts() * 3, 300)
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tok = small_tokenizer()
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=len(tok),
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    path = tmp_path_factory.mktemp("fig3_gpt2")
-    GPT2LMHeadModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_gpt2_with(small_tokenizer(), tmp_path_factory.mktemp("fig3_gpt2"))
 
 
 def _cfg(config: str, *overrides: str):

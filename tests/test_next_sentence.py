@@ -4,7 +4,7 @@ the prompt sets, and a training run end to end through the CLI on a tiny GPT-2."
 
 import pytest
 import torch
-from conftest import run_smclm
+from conftest import byte_level_tokenizer, run_smclm, save_tiny_gpt2_with
 from hydra import compose, initialize_config_module
 
 from smclm.build import build_world
@@ -24,48 +24,18 @@ MUST_KEEP = [" the", " cat", "."]
 def gpt2_style_tokenizer():
     """A small GPT-2-style byte-level BPE (Ġ space markers, <|endoftext|> as EOS), trained on
     the built-in prompts and text with the banned strings, so that they are single tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     corpus = builtin_prompts() * 3
     corpus += [
         'Mr Smith and Dr Who met St Paul. A cat sat. Z is "odd", etc. No way?! ...\nthe cat.'
     ] * 20
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-    )
+    return byte_level_tokenizer(corpus, 400)
 
 
 @pytest.fixture(scope="module")
 def tiny_gpt2_dir(tmp_path_factory):
     """A tiny random GPT-2 with the GPT-2-style tokenizer, saved for from_pretrained."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tok = gpt2_style_tokenizer()
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=len(tok),
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
     path = tmp_path_factory.mktemp("next_sentence_gpt2")
-    GPT2LMHeadModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_gpt2_with(gpt2_style_tokenizer(), path)
 
 
 @pytest.fixture(scope="module")
