@@ -81,7 +81,14 @@ def make(options: dict, model: TwistedLM, task, pool, k=16, seed=0, lr=1e-2):
 def test_loss_and_gradient_are_zero_at_the_optimal_twist(tiny, variant):
     """At ψ* every target equals its value (ψ*_t = Σ_v p₀ ψ*_{t+1}, ψ*_T = φ), on any samples."""
     base, task, sol, pool = tiny
-    model = TwistedLM(base, TrainableTable(sol.psi_star_tables()))
+    assert_a_fixed_point(base, sol.psi_star_tables(), task, pool, variant)
+    # Control: the same check fails away from ψ*.
+    assert_not_a_fixed_point(base, sol.psi_star_tables(), task, pool, variant)
+
+
+def assert_a_fixed_point(base, tables, task, pool, variant) -> None:
+    """Loss and gradient vanish at the twist ``tables`` on three batches of samples."""
+    model = TwistedLM(base, TrainableTable(tables))
     method, batch = make(VARIANTS[variant], model, task, pool)
     for _ in range(3):
         loss, _ = method.loss(batch)
@@ -90,8 +97,6 @@ def test_loss_and_gradient_are_zero_at_the_optimal_twist(tiny, variant):
         # float32 tables: values and targets agree to ~1e-6, so loss ~1e-12 and grads ~1e-7.
         assert float(loss.detach()) < 1e-9
         assert flat_grad(model).abs().max() < 1e-5
-    # Control: the same check fails away from ψ*.
-    assert_not_a_fixed_point(base, sol.psi_star_tables(), task, pool, variant)
 
 
 def assert_not_a_fixed_point(base, tables, task, pool, variant) -> None:
@@ -411,12 +416,5 @@ def test_loss_and_gradient_are_zero_at_the_optimal_twist_with_stopping(variant, 
     # and after a stop; finite values there leave it optimal for the masked sampler, and make the
     # test fail if a target sums over tokens the sampler does not allow
     star = [t.masked_fill(t.isinf(), 0.5) for t in sol.psi_star_tables()]
-    model = TwistedLM(base, TrainableTable(star))
-    method, batch = make(VARIANTS[variant], model, task, pool)
-    for _ in range(3):
-        loss, _ = method.loss(batch)
-        model.twist.zero_grad()
-        loss.backward()
-        assert float(loss.detach()) < 1e-9
-        assert flat_grad(model).abs().max() < 1e-5
+    assert_a_fixed_point(base, star, task, pool, variant)
     assert_not_a_fixed_point(base, star, task, pool, variant)
