@@ -4,7 +4,8 @@ A :class:`ComputeMeter` puts forward pre-hooks on the networks of a run — the 
 the twist, the policy, and any extra module a method registers (a PPO value head, a GFlowNet
 flow head) — and wraps the task's potential. Per update it counts:
 
-* ``compute/sampled_tokens``          tokens drawn by the sampler (N·T per sampling run),
+* ``compute/sampled_tokens``          tokens drawn by the sampler (N·T per sampling run; N per
+                                      step it ran on a stopping task, which ends when all stop),
 * ``compute/{net}_forward_calls``     forward calls of each network,
 * ``compute/{net}_forward_tokens``    token positions processed by those calls,
 * ``compute/{net}_backward_tokens``   token positions of forwards made with gradients enabled

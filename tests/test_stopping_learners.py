@@ -246,3 +246,23 @@ def test_sample_prints_each_sample_up_to_its_stop(capsys):
     assert all(t.split()[-1] == STOP for t in texts)  # each ends at its stop
     assert all(t.split().count(STOP) == 1 for t in texts)  # and no padding after it
     assert any(len(t.split()) < T for t in texts)
+
+
+def test_sampled_tokens_count_the_steps_the_sampler_ran(toy_world, stop_task):
+    """compute/sampled_tokens is n per step run: a run whose particles all stop before the cap
+    T counts n·(its last stop), not n·T; SMCResult.steps is that number of steps."""
+    from smclm.compute import ComputeMeter
+
+    model = TwistedLM(toy_world[0])
+    seen = []
+    for seed in range(40):
+        meter = ComputeMeter()
+        batch = TrainContext(model, stop_task, 2, torch.Generator().manual_seed(seed))
+        batch.meter = meter
+        meter.begin()
+        res = batch.sample(ess_threshold=0.0)
+        counted = meter.end()["compute/sampled_tokens"]
+        assert res.steps == int(res.lengths.max())
+        assert counted == 2 * res.steps
+        seen.append(res.steps)
+    assert min(seen) < T and max(seen) == T  # early-finishing runs exist, and capped ones

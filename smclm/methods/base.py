@@ -90,15 +90,13 @@ class TrainContext:
         model = self.model.with_twist(None) if p0 else self.model
         n = self.n_particles if n is None else n
         cond = self.cond if cond is None else cond
-        if self.meter is not None:
-            self.meter.sampled(n * self.task.output_len)
         groups = 1 if cond is None or ess_threshold <= 0 else self.n_groups
         if pinned is not None and pinned.shape[0] != groups:
             raise ValueError(f"pinned has {pinned.shape[0]} rows for {groups} SMC runs")
         if n % groups:
             raise ValueError(f"{n} particles do not split into {groups} SMC runs (one per o)")
         # All the runs (one per o group) in one batched sampler call.
-        return run_smc(
+        res = run_smc(
             model,
             self.task.prompt_ids,
             self.task.output_len,
@@ -113,6 +111,9 @@ class TrainContext:
             n_runs=groups,
             stopping=self.task.stopping,  # p₀ negatives (no_potential) stop as the task does
         )
+        if self.meter is not None:  # n per step the sampler ran (fewer than T once all stopped)
+            self.meter.sampled(n * (res.steps or self.task.output_len))
+        return res
 
     def weighted_positives(
         self, exact: bool, ess_threshold: float

@@ -222,6 +222,7 @@ class SMCResult:
     log_z_hats: Tensor | None = None
     n_runs: int = 1
     lengths: Tensor | None = None
+    steps: int | None = None  # the steps the sampler ran: T, or fewer once every particle stopped
 
     @property
     def n_particles(self) -> int:
@@ -656,6 +657,7 @@ def run_smc(
     log_phi_final = state.log_gamma - state.log_p0  # at t = T (or the stop) the "twist" is φ
     log_z = state.log_z_hat
     tokens = state.tokens
+    steps = int(tokens.shape[1])
     if stopping is None:
         lengths = torch.full((tokens.shape[0],), output_len, device=tokens.device)
     else:
@@ -672,6 +674,7 @@ def run_smc(
         log_z.double(),
         n_runs,
         lengths,
+        steps,
     )
 
 
