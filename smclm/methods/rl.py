@@ -171,7 +171,8 @@ class RL:
             one_step = torch.cat([y_next, log_phi[:, None]], dim=1)  # Y_t
             at_stop = None
             if live is not None:  # Y_ℓ = log φ at each row's stop; the steps after it are unused
-                at_stop = live & ~torch.cat([live[:, 1:], live[:, :1] & False], dim=1)
+                steps = torch.arange(tokens.shape[1], device=live.device)[None]
+                at_stop = steps == _last(live)
                 one_step = torch.where(at_stop, log_phi[:, None], one_step)
             targets = one_step
             if self.td_lambda > 0:  # G_t = Y_t + λ (G_t+1 − V̄_t+1), G_T (G_ℓ) = log φ
