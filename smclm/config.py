@@ -200,6 +200,8 @@ RANGES: tuple[tuple[str, str, str], ...] = (
     ("evaluator.max_sequences", "int>0", "1000000"),
     ("evaluator.n_g_q", "int>0|null", "null"),
     ("evaluator.max_batch_particles", "int>0", "2048"),
+    ("evaluator.n_samples", "int>0", "8"),  # evaluator=sentences: samples per test prompt
+    ("evaluator.n_prompts", "int>0|null", "5"),  # evaluator=sentences: the first n test prompts
     ("twist.hidden_mult", "int>0", "1"),
     ("twist.n_layers", "int>0", "3"),
 )

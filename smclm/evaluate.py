@@ -52,7 +52,10 @@ class Evaluator:
         self.name = cfg.evaluator.name
         self.sentences = None
         if self.name == "sentences":
+            from smclm.config import check_ranges
             from smclm.evaluators.sentences import SentenceEvaluator
+
+            check_ranges(cfg)  # evaluator.n_samples, n_prompts (also for library callers)
 
             self.sentences = SentenceEvaluator(
                 cfg.evaluator,

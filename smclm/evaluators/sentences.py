@@ -467,7 +467,8 @@ class SentenceEvaluator:
                 "has fixed-length outputs: use task=next_sentence, or evaluator=exact|bounds"
             )
         self.model, self.tokenizer, self.task = model, tokenizer, task
-        self.n = _int_setting(ev, "n_samples", 8, 1)
+        # n_samples and n_prompts are range-checked with every key (smclm.config.RANGES)
+        self.n = int(ev.get("n_samples", 8))
         baselines = list(ev.get("baselines") or [])
         unknown = [b for b in baselines if b not in BASELINES]
         if unknown:
@@ -505,9 +506,7 @@ class SentenceEvaluator:
         n_prompts = ev.get("n_prompts")
         prompts = list(getattr(task, "test_prompts", ()) or ()) or [task.prompt_ids]
         if n_prompts is not None:
-            if not (isinstance(n_prompts, int) and n_prompts > 0):
-                raise ConfigError(f"evaluator.n_prompts={n_prompts} must be a positive integer")
-            prompts = prompts[:n_prompts]
+            prompts = prompts[: int(n_prompts)]
         self.prompts = prompts
         self.n_particles = int(smc.n_particles)
         self.resampling, self.ess_threshold = str(smc.resampling), float(smc.ess_threshold)
@@ -616,12 +615,3 @@ class SentenceEvaluator:
                 out[f"sent/{key}/tau"] = tau
         self._baselines = out
         return out
-
-
-def _int_setting(ev: Any, key: str, default: int, low: int) -> int:
-    from smclm.errors import ConfigError
-
-    val = ev.get(key, default)
-    if not (isinstance(val, int) and not isinstance(val, bool) and val >= low):
-        raise ConfigError(f"evaluator.{key}={val} must be an integer ≥ {low} (e.g. {default})")
-    return val
