@@ -247,7 +247,11 @@ def baseline_rows(task: str, finals: list[dict[str, Any]]) -> list[dict[str, Any
         row: dict[str, Any] = {"task": task, "method": f"{name} (generate)", "log_z": None}
         vals_n = 0
         for key, _, metric in SENT_COLUMNS:
-            vals = [float(v) for f in finals if _finite(v := f.get(f"sent/{name}/{metric[5:]}"))]
+            vals = [
+                float(v)
+                for f in finals
+                if _finite(v := f.get(metric.replace("sent/", f"sent/{name}/", 1)))
+            ]
             vals_n = max(vals_n, len(vals))
             row[key], row[f"{key}_ci95"] = mean_ci(vals)
         for key in [c[0] for c in KL_COLUMNS] + [c[0] for c in EXACT_COLUMNS]:
