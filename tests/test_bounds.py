@@ -240,6 +240,25 @@ def test_single_particle_and_shared_cond(model, exp_count):
     assert math.isnan(out["bounds/log_z_upper_sis_se"])
 
 
+def test_one_pass_over_the_exact_samples_gives_each_proposals_weights(model, exp_count):
+    """The exact samples' log w are computed once for both proposals and G_q: with K = 1 the
+    upper bounds are the first exact sample's own weight under each proposal, as
+    exact_sample_log_weights gives it per proposal (p₀: log φ), and G_q is the mean over n_g."""
+    task, sol = exp_count
+    m = model.with_twist(noisy_twist(sol))
+    ex = exact_draws(sol, 6, 7)
+    out = evaluate_bounds(
+        m, task, ex, particles=[1], n_exact=2, n_g_q=5, proposals=("twist", "p0"),
+        generator=torch.Generator().manual_seed(7),
+    )  # fmt: skip
+    for proposal, prefix in (("twist", "bounds"), ("p0", "bounds_p0")):
+        w = exact_sample_log_weights(m, task, ex[:2], proposal=proposal)
+        assert out[f"{prefix}/log_z_upper_sis"] == pytest.approx(float(w.mean()))
+        assert out[f"{prefix}/log_z_upper_smc"] == pytest.approx(float(w.mean()))
+    g = exact_sample_log_weights(m, task, ex[:5])
+    assert out["bounds/g_q"] == pytest.approx(float(g.mean()))
+
+
 def test_bad_arguments(model, exp_count):
     task, sol = exp_count
     ex = exact_draws(sol, 4, 5)

@@ -129,6 +129,29 @@ def exact_sample_log_weights(
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+def _exact_sample_terms(
+    model: TwistedLM, task: Task, samples: Tensor, cond: Tensor | None, batch_size: int = 1024
+) -> dict[str, Tensor]:
+    """Fixed-length tasks: log σ̃ − log q of the exact samples for both proposals from one
+    teacher-forced pass and one φ call: {"twist": log p₀ + log φ − log q, "p0": log φ}
+    (float64 [M], CPU), equal to :func:`exact_sample_log_weights` for each proposal."""
+    twist, p0 = [], []
+    dev = model.device
+    for i in range(0, samples.shape[0], batch_size):
+        chunk = samples[i : i + batch_size].to(dev)
+        c = None if cond is None else cond[i : i + batch_size].to(dev)
+        lp = model.sequence_log_probs(task.prompt_ids, chunk, c, proposal="twist")
+        log_phi = task.log_phi(chunk, c).double()
+        twist.append((lp["log_p0"].double().sum(1) + log_phi - lp["log_q"].double().sum(1)).cpu())
+        # the p₀ proposal (log q = log p₀; with a policy too: "p0" means p₀ itself)
+        p0.append(log_phi.cpu())
+    empty = torch.zeros(0, dtype=torch.float64)
+    return {
+        "twist": torch.cat(twist) if twist else empty,
+        "p0": torch.cat(p0) if p0 else empty,
+    }
+
+
 def _chunks(n_runs: int, k: int, max_batch: int, runs_per_call: int | None) -> list[range]:
     """Consecutive runs per sampler call: as many as fit in max(max_batch, K) particles (or
     ``runs_per_call``, when given, within that budget)."""
@@ -289,16 +312,28 @@ def evaluate_bounds(
         leave=False,
     )
     pins = exact_samples[:n_exact]
+    # log w of the exact samples under each proposal (independent of K). Fixed-length tasks: one
+    # teacher-forced pass and one φ call over the first max(n_exact, n_g) samples serve every
+    # proposal and G_q (with the p₀ proposal, log w = log φ); stopping tasks mask the proposal
+    # up to each sample's stop, one pass per proposal.
+    n_tf = max(n_exact, n_g)
+    shared = None
+    if task.stopping is None:
+        shared = _exact_sample_terms(
+            model, task, exact_samples[:n_tf], None if cond_rows is None else cond_rows[:n_tf]
+        )
     for proposal in proposals:
         prefix = PREFIXES[proposal]
-        # log w of the exact samples under this proposal (independent of K)
-        sigma_log_w = exact_sample_log_weights(
-            model,
-            task,
-            pins,
-            cond=None if cond_rows is None else cond_rows[:n_exact],
-            proposal=proposal,
-        )
+        if shared is not None:
+            sigma_log_w = shared[proposal][:n_exact]
+        else:
+            sigma_log_w = exact_sample_log_weights(
+                model,
+                task,
+                pins,
+                cond=None if cond_rows is None else cond_rows[:n_exact],
+                proposal=proposal,
+            )
         for k in ks:
             per_bound: dict[str, list[float]] = {}
             # The n_exact SIS runs, SMC runs and cSMC runs of this K: each in batched calls.
@@ -352,13 +387,16 @@ def evaluate_bounds(
 
     assert f_q_values is not None
     f_q, f_q_se = mean_se(f_q_values)
-    g_values = exact_sample_log_weights(
-        model,
-        task,
-        exact_samples[:n_g],
-        cond=None if cond_rows is None else cond_rows[:n_g],
-        proposal="twist",
-    )
+    if shared is not None:
+        g_values = shared["twist"][:n_g]
+    else:
+        g_values = exact_sample_log_weights(
+            model,
+            task,
+            exact_samples[:n_g],
+            cond=None if cond_rows is None else cond_rows[:n_g],
+            proposal="twist",
+        )
     g_q, g_q_se = mean_se(g_values)
     metrics["bounds/f_q"], metrics["bounds/f_q_se"] = f_q, f_q_se
     metrics["bounds/g_q"], metrics["bounds/g_q_se"] = g_q, g_q_se
