@@ -158,6 +158,12 @@ def validate(cfg: DictConfig) -> None:
         f"twist.kind={cfg.twist.get('kind')} must be none, head or separate",
     )
     _require(
+        cfg.twist.get("_target_") != "smclm.models.loading.build_twist"
+        or cfg.twist.get("output", "vocab") in ("vocab", "embedding"),
+        f"twist.output={cfg.twist.get('output')} must be vocab (a V-wide last layer, the "
+        "paper's) or embedding (scored against the base LM's output embeddings)",
+    )
+    _require(
         cfg.evaluator.name in ("auto", "none", "exact", "bounds", "sentences"),
         f"evaluator={cfg.evaluator.name} is not one of: auto, none, exact, bounds, sentences",
     )

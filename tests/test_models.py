@@ -7,15 +7,25 @@ from smclm.models.loading import ModelLoadError, build_twist, load_base_model
 from smclm.models.twisted_lm import TwistedLM
 from smclm.smc.sampler import run_smc
 
-KINDS = [("head", "linear"), ("head", "mlp"), ("separate", "linear"), ("separate", "mlp")]
+KINDS = [
+    ("head", "linear", "vocab"),
+    ("head", "mlp", "vocab"),
+    ("separate", "linear", "vocab"),
+    ("separate", "mlp", "vocab"),
+    ("head", "mlp", "embedding"),
+    ("separate", "linear", "embedding"),
+]
 
 
 @pytest.mark.parametrize("arch", ["gpt_neo", "gpt2"])
-@pytest.mark.parametrize("kind,head", KINDS)
-def test_twists_on_models_loaded_by_name(tiny_lm_dirs, arch, kind, head):
+@pytest.mark.parametrize("kind,head,output", KINDS)
+def test_twists_on_models_loaded_by_name(tiny_lm_dirs, arch, kind, head, output):
     base, tok = load_base_model(tiny_lm_dirs[arch], torch.float32, "cpu")
     assert not any(p.requires_grad for p in base.parameters())
-    twist = build_twist(kind, base, head=head)
+    twist = build_twist(kind, base, head=head, output=output)
+    if output == "embedding":  # the last layer is d_e wide; the base's embeddings are not saved
+        assert twist.head.net[-1].out_features == base.get_output_embeddings().weight.shape[1]
+        assert not any(k.startswith("_") for k in twist.head.state_dict())
     model = TwistedLM(base, twist)
     prompt = torch.tensor(tok("the cat", add_special_tokens=False)["input_ids"])
     tokens = torch.randint(0, 12, (5, 4))
@@ -201,3 +211,19 @@ def test_a_model_without_a_separable_head_is_refused_in_one_line(tiny_lm_dirs):
     with pytest.raises(ValueError, match=r"cannot be run apart \(AttributeError") as err:
         check_output_head(Headless.from_pretrained(tiny_lm_dirs["gpt2"]), "model.name=headless")
     assert "\n" not in str(err.value)
+
+
+def test_an_embedding_output_head_scores_each_token_by_its_output_embedding(tiny_lm_dirs):
+    """twist.output=embedding: log ψ(v) = u(h)·e_v + b·e_v with e_v the base's output embedding
+    (checked against the formula with the head's own layers); an unknown output is refused."""
+    base, _ = load_base_model(tiny_lm_dirs["gpt2"], torch.float32, "cpu")
+    twist = build_twist("head", base, head="linear", output="embedding")
+    lin = twist.head.net[-1]
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.3)
+        lin.bias.normal_(0, 0.3)
+    h = torch.randn(3, lin.in_features)
+    emb = base.get_output_embeddings().weight.float()
+    torch.testing.assert_close(twist.head(h), (h @ lin.weight.T + lin.bias) @ emb.T)
+    with pytest.raises(ValueError, match="twist output"):
+        build_twist("head", base, head="linear", output="logits")

@@ -192,15 +192,30 @@ def build_twist(
     squash: str | None = None,
     conditional: bool = False,
     dtype: torch.dtype = torch.float32,
+    output: str = "vocab",
 ) -> nn.Module | None:
-    """kind: none (ψ ≡ 1) | head (on the frozen base) | separate (trainable copy of the body)."""
+    """kind: none (ψ ≡ 1) | head (on the frozen base) | separate (trainable copy of the body).
+    output: vocab (the head's last layer maps to V) | embedding (to the base's embedding width,
+    scored against its frozen output embeddings; :class:`smclm.models.twist.Head`)."""
     if kind == "none":
         return None
     d = hidden_dim(base)
     vocab = vocab_size(base)
     d_in = 2 * d if conditional else d
     device = next(base.parameters()).device
-    h = Head(d_in, vocab, kind=head, hidden_mult=hidden_mult, n_layers=n_layers, squash=squash)
+    emb = None
+    if output == "embedding":
+        out_layer = base.get_output_embeddings()
+        if out_layer is None or getattr(out_layer, "weight", None) is None:
+            raise ValueError(
+                f"twist.output=embedding: {type(base).__name__} has no output embedding matrix; "
+                "use twist.output=vocab"
+            )
+        emb = out_layer.weight[:vocab]
+    h = Head(
+        d_in, vocab, kind=head, hidden_mult=hidden_mult, n_layers=n_layers, squash=squash,
+        output=output, embedding=emb,
+    )  # fmt: skip
     if kind == "head":
         return HeadTwist(h.to(device=device, dtype=dtype), base.base_model if conditional else None)
     if kind == "separate":

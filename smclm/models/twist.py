@@ -38,6 +38,9 @@ def _paper_init(layer: nn.Linear, scale: float = 1.0) -> None:
     nn.init.zeros_(layer.bias)
 
 
+OUTPUTS = ("vocab", "embedding")
+
+
 class Head(nn.Module):
     """Maps hidden states [..., d_in] to log ψ [..., V].
 
@@ -46,6 +49,12 @@ class Head(nn.Module):
     The output layer starts at zero, so log ψ ≡ 0 and the twisted proposal equals p₀ exactly at
     the start (the paper's small-normal init gives log ψ ≈ 0; exact zero makes "untrained" mean
     "q = p₀"). squash="logsigmoid" returns log σ(head(h)) ∈ (−∞, 0), the FUDGE parameterisation.
+
+    output="vocab" (the paper's): the last layer maps to V values. output="embedding" (ours):
+    the last layer maps to the base LM's embedding width d_e and log ψ(v) = u · e_v with e_v the
+    base's frozen output embedding of token v (``embedding`` [V, d_e], not a parameter, not
+    saved): the head learns d_e·d_in weights instead of V·d_in, and what it learns about one
+    token carries over to tokens the LM embeds nearby.
     """
 
     def __init__(
@@ -56,10 +65,18 @@ class Head(nn.Module):
         hidden_mult: int = 1,
         n_layers: int = 3,
         squash: str | None = None,
+        output: str = "vocab",
+        embedding: Tensor | None = None,
     ) -> None:
         super().__init__()
         if kind not in ("linear", "mlp"):
             raise ValueError(f"unknown twist head kind '{kind}'; choose linear or mlp")
+        if output not in OUTPUTS:
+            raise ValueError(f"unknown twist output '{output}'; choose {' or '.join(OUTPUTS)}")
+        if output == "embedding" and (embedding is None or embedding.shape[0] != vocab_size):
+            raise ValueError("twist.output=embedding needs the base LM's output embedding [V, d]")
+        # Kept out of the module tree (frozen, owned by the base LM); a float32 copy, made once.
+        self._embedding = [None if output == "vocab" else embedding.detach().float()]
         if squash not in (None, "none", "logsigmoid"):
             raise ValueError(f"unknown twist squash '{squash}'; choose none or logsigmoid")
         self.squash = None if squash in (None, "none") else squash
@@ -74,13 +91,19 @@ class Head(nn.Module):
             last_in = dims[-1]
         else:
             last_in = d_in
-        out = nn.Linear(last_in, vocab_size)
+        width_out = vocab_size if output == "vocab" else int(embedding.shape[1])  # type: ignore[union-attr]
+        out = nn.Linear(last_in, width_out)
         _paper_init(out, scale=0.0)
         layers.append(out)
         self.net = nn.Sequential(*layers)
 
     def forward(self, h: Tensor) -> Tensor:
         x = self.net(h.to(self.net[-1].weight.dtype)).float()
+        emb = self._embedding[0]
+        if emb is not None:
+            if emb.device != x.device:
+                emb = self._embedding[0] = emb.to(x.device)
+            x = x @ emb.T  # the last layer's bias b adds b·e_v: a learned per-token offset
         return F.logsigmoid(x) if self.squash == "logsigmoid" else x
 
 
