@@ -8,17 +8,27 @@ learner declares what it needs (a twist, a policy, exact samples).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from smclm.errors import ConfigError, UserError
 from smclm.lengths import check_context
-from smclm.models.loading import load_base_model, prompt_prefix, resolve_device, resolve_dtype
+from smclm.models.loading import (
+    auto_cpu_dtype,
+    dtype_name,
+    load_base_model,
+    prompt_prefix,
+    resolve_device,
+    resolve_dtype,
+)
 from smclm.models.twisted_lm import TwistedLM
 from smclm.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -168,7 +178,9 @@ def build_twist_from_config(
 
 def build_world(cfg: DictConfig) -> World:
     """Load p₀, build the learner, then what it needs (:func:`smclm.methods.needs`): the twist
-    of ``cfg.twist``, the policy of ``method.policy``; then the task. Seeds torch first."""
+    of ``cfg.twist``, the policy of ``method.policy``; then the task. Seeds torch first.
+    ``model.dtype=auto`` is decided here (on a CPU by :func:`auto_cpu_dtype`, logged in one
+    line); the dtype used is set in ``cfg.model.dtype_resolved``."""
     from smclm.methods import needs
 
     torch.manual_seed(int(cfg.seed))
@@ -185,6 +197,14 @@ def build_world(cfg: DictConfig) -> World:
         toy,  # type: ignore[arg-type]
         gguf_file=None if gguf is None else str(gguf),
     )
+    if str(cfg.model.dtype) == "auto":
+        if device.type == "cpu":
+            dtype, why = auto_cpu_dtype(base, tokenizer)
+        else:
+            why = "a GPU that supports it" if dtype == torch.bfloat16 else "no bfloat16 here"
+        log.info("model.dtype=auto: %s (%s)", dtype_name(dtype), why)
+    with open_dict(cfg.model):  # the dtype this run used, in its config.yaml
+        cfg.model.dtype_resolved = dtype_name(dtype)
     set_threads(cfg.get("threads", "auto"), base, device)
     twist = build_twist_from_config(cfg, base, device) if need.twist else None
     policy = build_policy_from_config(cfg, base, device) if need.policy else None

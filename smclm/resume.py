@@ -24,7 +24,9 @@ from smclm.tracking import read_metrics, write_json_atomic
 # Keys a resume may change: they change neither what is trained nor what is measured (where
 # metrics go, progress bars, threads, the device, checkpoints kept, where the exact-sample cache
 # lives and whether it may be filled). ``train.updates`` may grow (checked on its own); every
-# other difference from the run's config.yaml is refused.
+# other difference from the run's config.yaml is refused. ``model.dtype_resolved`` (the dtype
+# ``model.dtype=auto`` chose, written once the model has loaded) is compared by train after
+# loading: like the device, it may differ on another machine (a line says so).
 RESUME_FREE_KEYS = (
     "resume",
     "verbose",
@@ -37,6 +39,7 @@ RESUME_FREE_KEYS = (
     "exact_samples.cache_dir",
     "exact_samples.source",
     "exact_samples.max_draws",
+    "model.dtype_resolved",
 )
 
 

@@ -92,6 +92,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     world = build_world(cfg)
     model, task = world.model, world.task
+    saved_dtype = start.saved["model"].get("dtype_resolved") if start is not None else None
+    if saved_dtype is not None and saved_dtype != cfg.model.dtype_resolved:
+        print(
+            f"smclm: model.dtype={cfg.model.dtype} is {cfg.model.dtype_resolved} here; the run "
+            f"was trained so far in {saved_dtype}",
+            file=sys.stderr,
+        )
     method = world.learner  # built first by build_world: what it needs shapes the world
     evaluator = Evaluator(cfg, world, None)  # checks enumerability; resolves evaluator=auto
     resolved = OmegaConf.to_container(cfg, resolve=True)  # with the evaluator chosen

@@ -31,6 +31,7 @@ def world():
             "train",
             overrides=[
                 "model=smollm2",
+                "model.dtype=float32",  # auto: bfloat16 on a CPU with it (tests/test_bf16.py)
                 "twist=mlp",
                 f"task.prompt='{PROMPT}'",
                 "task.output_len=8",
