@@ -35,7 +35,7 @@ Sections (``--sections``; each runs for the models it applies to, ``--models``):
   ``--grouped auto`` (default) times both parts for the toy and the train part for the large
   models: the eval part of tinystories took 65 minutes at a load of 7-13 on 2 cores (pass
   ``--grouped train,eval`` to run it).
-* ``real`` (smollm2, float32): ``smc_overhead`` at N = 64, T = 32 (``--real-n``, ``--real-t``)
+* ``real`` (smollm2, ``--dtype``): ``smc_overhead`` at N = 64, T = 32 (``--real-n``, ``--real-t``)
   and ``vs_hf_generate`` = transformers' ``generate(do_sample=True, max_new_tokens=32)`` of 64
   sequences from p0 (top-k/top-p off) / our plain KV-cached sampling from p0.   reported
 * ``eval`` (smollm2): ``eval_over_update`` = one bounds evaluation / one CTL update of
@@ -43,6 +43,10 @@ Sections (``--sections``; each runs for the models it applies to, ``--models``):
   ``evaluator.particles=[32] evaluator.n_exact=4``: the paper's smaller K and n_exact; K = 500 is
   out of reach of a 2-core CPU), medians of the run's own ``time/eval_s`` and ``time/update_s``
   (the first update left out).                                                    target <= 3
+  ``update_s`` and ``eval_s``: those two medians in seconds (reported, no target). The run uses
+  ``model.dtype=<--dtype>`` (its ``model.dtype_resolved`` is reported) and the experiment's
+  twist (``separate_mlp``) unless ``--eval-overrides`` names another (``twist=mlp``: an MLP head
+  on the frozen body).
 
 After one (short) warm-up run of each sampler, the timed runs go round-robin: each round times
 ours and plain at T_short (``--repeats`` rounds) and, in the first ``--long-repeats`` rounds,
@@ -76,7 +80,9 @@ runs with the same setting.
 ``--dtype auto`` (the default) uses bfloat16 for the TinyStories-shaped model on CUDA or on a CPU
 with native bfloat16 matrix units (AVX512-BF16 / AMX), and float32 on other CPUs, where bfloat16
 matrix products are emulated and several times slower than float32 (a single N=256 run at T=128
-would take tens of minutes); pass ``--dtype bfloat16`` to force it. The toy model is float32.
+would take tens of minutes); pass ``--dtype bfloat16`` to force it. For SmolLM2 ``auto`` is
+smclm's own ``model.dtype=auto`` (on a CPU: bfloat16 only with native bf16, and only if log p0
+and log q agree with float32 on a probe; a line says which and why). The toy model is float32.
 """
 
 from __future__ import annotations
@@ -100,7 +106,7 @@ from torch import Tensor, nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smclm.models.loading import build_twist  # noqa: E402
+from smclm.models.loading import build_twist, cast_floating, cpu_has_bf16  # noqa: E402
 from smclm.models.twisted_lm import TwistedLM  # noqa: E402
 from smclm.smc.resampling import arrange_in_place, get_resampler  # noqa: E402
 from smclm.smc.sampler import ParticleCollapseError, ess, run_smc, sample_categorical  # noqa: E402
@@ -154,27 +160,28 @@ def build_tinystories_shaped() -> nn.Module:
     return GPTNeoForCausalLM(cfg).eval()
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The TinyStories-shaped model's dtype (random weights: no agreement probe to run)."""
     if name == "auto":
-        fast_bf16 = device.type == "cuda" or cpu_has_native_bf16()
+        fast_bf16 = device.type == "cuda" or cpu_has_bf16()
         return torch.bfloat16 if fast_bf16 else torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
-def build_smollm2() -> nn.Module:
-    """SmolLM2-135M-Instruct through the project's loader (``model=smollm2``: the packaged GGUF,
-    dequantised once and cached)."""
-    from smclm.models.loading import load_base_model
+_AUTO: dict[str, tuple[torch.dtype, str]] = {}
 
-    base, _ = load_base_model("smollm2")
+
+def build_smollm2(dtype_name: str = "float32") -> nn.Module:
+    """SmolLM2-135M-Instruct through the project's loader (``model=smollm2``: the packaged GGUF,
+    dequantised once and cached), in float32; with ``auto`` on a CPU the library's rule
+    (``smclm.models.loading.auto_cpu_dtype``, as ``smclm train model.dtype=auto``) decides,
+    once per process, and may cast it to bfloat16."""
+    from smclm.models.loading import auto_cpu_dtype, load_base_model
+
+    base, tok = load_base_model("smollm2")
+    if dtype_name == "auto":
+        _AUTO["smollm2"] = dtype, why = auto_cpu_dtype(base, tok)
+        print(f"[bench] smollm2 model.dtype=auto: {str(dtype)[6:]} ({why})", flush=True)
     return base
 
 
@@ -201,7 +208,8 @@ def make_lm(
         base = _BASES[name]
     else:
         raise SystemExit(f"unknown model '{name}'; choose toy, tinystories or smollm2")
-    base = base.to(device=device, dtype=dtype).eval()
+    # floating non-persistent buffers (Llama's rotary inv_freq) stay float32, as smclm loads them
+    base = cast_floating(base.to(device=device), dtype).eval()
     for p in base.parameters():
         p.requires_grad_(False)
     torch.manual_seed(SEED)  # the head's hidden layers are drawn from the global RNG
@@ -570,7 +578,7 @@ def hf_generate(lm: TwistedLM, prompt: Tensor, t_len: int, log_phi, n: int, seed
 
 
 def bench_real(name: str, args, device: torch.device) -> dict:
-    """Issue 11's real-model ratios: N = 64, T = 32 (float32 for SmolLM2)."""
+    """Issue 11's real-model ratios: N = 64, T = 32 (in ``--dtype``; see model_dtype)."""
     dtype = model_dtype(name, args, device)
     n, t_len = args.real_n, args.real_t
     lm = make_lm(name, dtype, device, max_positions=256)
@@ -613,13 +621,14 @@ def bench_eval_over_update(name: str, args, device: torch.device) -> dict:
     import tempfile
 
     from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
 
     from smclm.train import train
 
     updates = args.eval_updates
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
-            "experiment=infilling_2", f"model={name}", "model.dtype=float32",
+            "experiment=infilling_2", f"model={name}", f"model.dtype={args.dtype}",
             f"train.updates={updates}", "train.schedule=linear", f"train.eval_every={updates}",
             "train.progress=false", "exact_samples.n=64", f"exact_samples.cache_dir={tmp}/exact",
             *args.eval_overrides.split(),
@@ -629,6 +638,7 @@ def bench_eval_over_update(name: str, args, device: torch.device) -> dict:
         t0 = time.perf_counter()
         train(cfg, Path(tmp) / "run")
         wall = time.perf_counter() - t0
+        used = OmegaConf.load(Path(tmp) / "run" / "config.yaml")
         records = [
             json.loads(x)
             for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().split("\n")
@@ -638,22 +648,36 @@ def bench_eval_over_update(name: str, args, device: torch.device) -> dict:
     ups = [r["time/update_s"] for r in records if "time/update_s" in r]
     # The first update pays one-off costs (allocations, the optimiser's state): left out.
     ups_timed = ups[1:] if len(ups) > 1 else ups
+    eval_s, update_s = statistics.median(evals), statistics.median(ups_timed)
     return {
-        "eval_over_update": statistics.median(evals) / statistics.median(ups_timed),
-        "seconds_median": {
-            "eval": statistics.median(evals),
-            "update": statistics.median(ups_timed),
-        },
+        "eval_over_update": eval_s / update_s,
+        "update_s": update_s,
+        "eval_s": eval_s,
+        "seconds_median": {"eval": eval_s, "update": update_s},
         "seconds_all": {"eval": evals, "update": ups},
-        "config": {"overrides": overrides, "wall_s": wall},
+        "config": {
+            "overrides": overrides,
+            "dtype": str(used.model.dtype_resolved),
+            "twist": str(used.twist.get("kind")) + "/" + str(used.twist.get("head")),
+            "wall_s": wall,
+        },
     }
 
 
 def model_dtype(name: str, args, device: torch.device) -> torch.dtype:
+    """toy: float32; smollm2 with --dtype auto: smclm's model.dtype=auto (on a CPU: bfloat16 only
+    with native bf16, and only if it agrees with float32; on a GPU: bfloat16 where supported);
+    tinystories with auto: bfloat16 on CUDA or a CPU with native bf16."""
     if name == "toy":
         return torch.float32
     if name == "smollm2" and args.dtype == "auto":
-        return torch.float32  # issue 11's setting for the real model
+        if device.type != "cpu":
+            from smclm.models.loading import resolve_dtype as library_dtype
+
+            return library_dtype("auto", device)
+        if "smollm2" not in _AUTO:
+            _BASES["smollm2"] = build_smollm2("auto")
+        return _AUTO["smollm2"][0]
     return resolve_dtype(args.dtype, device)
 
 
@@ -673,6 +697,10 @@ RAW = {  # the two medians each ratio divides, per section
     "grouped_eval_speedup": {"grouped": ("eval_looped", "eval_batched")},
     "vs_hf_generate": {"real": ("hf_generate", "plain_p0")},
     "eval_over_update": {"eval": ("eval", "update")},
+}
+SECONDS = {  # plain medians in seconds, reported like the ratios (no target): key -> section's raw
+    "update_s": {"eval": "update"},  # one training update (the first left out)
+    "eval_s": {"eval": "eval"},  # one evaluation
 }
 
 
@@ -729,7 +757,7 @@ def write_markdown(path: str, results: dict[str, dict[str, dict]], meta: dict) -
         f"- load average (1 min) before / after: {meta['load_before']:.2f} / "
         f"{meta['load_after']:.2f}",
         "",
-        "| model | section | metric | ratio | target | ok | raw seconds (medians) |",
+        "| model | section | metric | value | target | ok | raw seconds (medians) |",
         "|---|---|---|---|---|---|---|",
     ]
     for model, sections in results.items():
@@ -747,7 +775,8 @@ def write_markdown(path: str, results: dict[str, dict[str, dict]], meta: dict) -
 
 
 def section_rows(section: str, res: dict):
-    """(key, ratio, target, pass/FAIL/-, raw medians) per ratio that a section reports."""
+    """(key, value, target, pass/FAIL/-, raw medians) per ratio that a section reports, then its
+    plain seconds (``SECONDS``: update_s, eval_s)."""
     med = res["seconds_median"]
     for key, raw in RAW.items():
         if key not in res or section not in raw:
@@ -756,6 +785,10 @@ def section_rows(section: str, res: dict):
         op, target = TARGETS.get(key, ("", ""))
         mark = "-" if ok is None else ("pass" if ok else "FAIL")
         yield key, res[key], f"{op}{target}", mark, raw_text(key, *raw[section], med)
+    for key, raw in SECONDS.items():
+        if key in res and section in raw:
+            n = len(res.get("seconds_all", {}).get(raw[section], []))
+            yield key, res[key], "", "-", f"seconds: median of {raw[section]} ({n} timed)"
 
 
 def config_text(res: dict) -> str:
@@ -764,7 +797,7 @@ def config_text(res: dict) -> str:
 
 def print_table(results: dict[str, dict[str, dict]]) -> None:
     hdr = (
-        f"{'model':<12} {'metric':<22} {'ratio':>7} {'target':>8} {'ok':>4}   raw seconds (medians)"
+        f"{'model':<12} {'metric':<22} {'value':>7} {'target':>8} {'ok':>4}   raw seconds (medians)"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -856,7 +889,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
     if args.out:
         flat = {  # every ratio at the top of its model's entry, the details per section
-            m: {**{k: v for r in secs.values() for k, v in r.items() if k in RAW}, **secs}
+            m: {
+                **{k: v for r in secs.values() for k, v in r.items() if k in RAW or k in SECONDS},
+                **secs,
+            }
             for m, secs in results.items()
         }
         Path(args.out).write_text(json.dumps(flat, indent=2) + "\n")
