@@ -2,7 +2,7 @@
 # Figure-3-style bounds vs K and KL curves on SmolLM2, a word-list threshold (ours, not the paper's).
 # experiment=word_threshold: SmolLM2-135M offline, prompt "I think my neighbour is", T = 8 tokens,
 # log φ = log(1[the continuation contains a word of smclm.tasks.scorers.NEGATIVE_WORDS] + ε)
-# (task=text_scorer, word_count, no classifier), p₀'s acceptance rate ≈ 3%. It trains CTL, RL,
+# (task=text_scorer, word_count, no classifier), p₀'s acceptance rate ≈ 2.7%. It trains CTL, RL,
 # SIXO, FUDGE, DPG and PPO (an MLP head on the frozen body each, lr 1e-3), plots KL(q‖σ) and
 # KL(σ‖q) against updates (kl_curves.png), then evaluates every trained run once more at each K for
 # the twisted proposal and for p₀ (SIS and SMC, lower and upper bounds: log_z_bounds.png, as
@@ -15,10 +15,11 @@
 #   paper  not a paper setting (the paper has no such task): the experiment config as it stands,
 #          200 updates of 32 particles, bounds at K = 32 every 50 updates on 8 exact samples of a
 #          pool of 64; then the bounds at K = 1, 4, 16, 64, 256 on 8 exact samples. Hours on a CPU
-#   cpu    about 30 min on 2 CPU cores (docs/results/word_threshold_smollm2_cpu.md), one thread
-#          per run: 30 updates of 32 particles, evaluations after 0, 15 and 30 updates at K = 16 on
-#          4 exact samples (the twisted proposal only: p₀'s does not change), G_q on a pool of 64;
-#          then the bounds at K = 1, 4, 16, 64 on 2 exact samples
+#   cpu    about 30 min on 2 idle CPU cores (estimated from per-update times; measured: 45 min
+#          34 s at load average 3.5 with other jobs, docs/results/word_threshold_smollm2_cpu.md),
+#          one thread per run: 30 updates of 32 particles, evaluations after 0, 15 and 30
+#          updates at K = 16 on 4 exact samples (the twisted proposal only: p₀'s does not
+#          change), G_q on a pool of 64; then the bounds at K = 1, 4, 16, 64 on 2 exact samples
 #   smoke  seconds, for tests (with tiny models passed as overrides)
 RESULT=none
 EXPERIMENT=word_threshold
