@@ -214,8 +214,9 @@ def test_a_model_without_a_separable_head_is_refused_in_one_line(tiny_lm_dirs):
 
 
 def test_an_embedding_output_head_scores_each_token_by_its_output_embedding(tiny_lm_dirs):
-    """twist.output=embedding: log ψ(v) = u(h)·e_v + b·e_v with e_v the base's output embedding
-    (checked against the formula with the head's own layers); an unknown output is refused."""
+    """twist.output=embedding: log ψ(v) = u(h)·ê_v + b·ê_v with ê_v the base's output embedding
+    scaled to unit mean L1 norm (checked against the formula with the head's own layers); an
+    unknown output is refused."""
     base, _ = load_base_model(tiny_lm_dirs["gpt2"], torch.float32, "cpu")
     twist = build_twist("head", base, head="linear", output="embedding")
     lin = twist.head.net[-1]
@@ -224,6 +225,7 @@ def test_an_embedding_output_head_scores_each_token_by_its_output_embedding(tiny
         lin.bias.normal_(0, 0.3)
     h = torch.randn(3, lin.in_features)
     emb = base.get_output_embeddings().weight.float()
+    emb = emb / emb.abs().sum(1).mean()  # unit mean L1 norm (Adam's steps as a vocab head's)
     torch.testing.assert_close(twist.head(h), (h @ lin.weight.T + lin.bias) @ emb.T)
     with pytest.raises(ValueError, match="twist output"):
         build_twist("head", base, head="linear", output="logits")

@@ -41,6 +41,20 @@ def _paper_init(layer: nn.Linear, scale: float = 1.0) -> None:
 OUTPUTS = ("vocab", "embedding")
 
 
+def scaled_embedding(embedding: Tensor) -> Tensor:
+    """The output embeddings [V, d_e] as float32, divided by their mean L1 norm (1/V Σ_v ‖e_v‖₁).
+
+    Adam moves every weight of the last layer by about lr per step whatever its gradient's size,
+    so one step moves u by up to lr·‖x‖₁ per coordinate and log ψ(v) = u · e_v by up to
+    lr·‖x‖₁·‖e_v‖₁. With unit-L1 embeddings on average that bound is lr·‖x‖₁, the same as a
+    V-wide (vocab) head's, so the learning rates of the two heads mean the same thing. Unscaled,
+    SmolLM2's embeddings (‖e_v‖₁ ≈ 60) made the first Adam step at lr 1e-3 move log ψ by ~10
+    nats and throw q far from p₀ (docs/results/table8_smollm2_cpu.md). A constant factor: what
+    the head can represent is unchanged."""
+    emb = embedding.detach().float()
+    return emb / emb.abs().sum(1).mean().clamp_min(1e-12)
+
+
 class Head(nn.Module):
     """Maps hidden states [..., d_in] to log ψ [..., V].
 
@@ -51,10 +65,11 @@ class Head(nn.Module):
     "q = p₀"). squash="logsigmoid" returns log σ(head(h)) ∈ (−∞, 0), the FUDGE parameterisation.
 
     output="vocab" (the paper's): the last layer maps to V values. output="embedding" (ours):
-    the last layer maps to the base LM's embedding width d_e and log ψ(v) = u · e_v with e_v the
+    the last layer maps to the base LM's embedding width d_e and log ψ(v) = u · ê_v with ê_v the
     base's frozen output embedding of token v (``embedding`` [V, d_e], not a parameter, not
-    saved): the head learns d_e·d_in weights instead of V·d_in, and what it learns about one
-    token carries over to tokens the LM embeds nearby.
+    saved) divided by the mean L1 norm of the embeddings (:func:`scaled_embedding`): the head
+    learns d_e·d_in weights instead of V·d_in, and what it learns about one token carries over
+    to tokens the LM embeds nearby.
     """
 
     def __init__(
@@ -76,7 +91,7 @@ class Head(nn.Module):
         if output == "embedding" and (embedding is None or embedding.shape[0] != vocab_size):
             raise ValueError("twist.output=embedding needs the base LM's output embedding [V, d]")
         # Kept out of the module tree (frozen, owned by the base LM); a float32 copy, made once.
-        self._embedding = [None if output == "vocab" else embedding.detach().float()]
+        self._embedding = [None if output == "vocab" else scaled_embedding(embedding)]
         if squash not in (None, "none", "logsigmoid"):
             raise ValueError(f"unknown twist squash '{squash}'; choose none or logsigmoid")
         self.squash = None if squash in (None, "none") else squash
