@@ -124,7 +124,14 @@ def build_task(
     ``builder(env, name=…, prompt=…, output_len=…, …)``."""
     from smclm.tasks.plugin import TaskEnv
 
-    env = TaskEnv(tokenizer, base, device, encode_prompt(tokenizer, task_cfg.prompt, bos=True))
+    text = task_cfg.get("prompt")
+    # task.prompt=null: the builder makes its own prompts (task=latent: one per data row)
+    ids = (
+        torch.zeros(0, dtype=torch.long)
+        if text is None
+        else encode_prompt(tokenizer, text, bos=True)
+    )
+    env = TaskEnv(tokenizer, base, device, ids)
     task = instantiate_node(task_cfg, "task", env=env)
     if not isinstance(task, Task):
         raise ConfigError(

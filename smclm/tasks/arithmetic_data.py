@@ -2,8 +2,9 @@
 ``../shared/docs/gfn-paper-spec.md`` §4.1), made by smclm with a seeded generator (no download),
 and the JSONL row format that ``task=latent`` will read.
 
-Library code for issue 24, NOT wired into the CLI yet (no ``task=arithmetic`` / ``task=latent``
-so far); :func:`generate` and :func:`read_jsonl` are what those tasks will call.
+``task=latent`` reads its rows with :func:`read_jsonl` and, with ``task.data=arithmetic``, makes
+them with :func:`generate` (:mod:`smclm.tasks.latent`); ``task=arithmetic`` (the calculator in
+the sampler, issue 24) is not built yet.
 
 The data, as the paper's generator notebook makes it (``data_integer_arithmetic.ipynb``):
 

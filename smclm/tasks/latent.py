@@ -1,0 +1,307 @@
+"""Latent-variable inference: a rationale Z between a question X and an answer Y (Hu et al., ICLR
+2024, §4.2–4.4; ``../shared/docs/gfn-paper-spec.md`` §2–4).
+
+Data: rows (x, y[, z]) read from JSONL files (one JSON object a line: ``x`` text, ``y`` an int or
+a text, optional ``z`` text or null; other keys are kept and ignored; :func:`load_rows`), or
+``arithmetic``: the integer-arithmetic data that smclm generates with a fixed seed
+(:mod:`smclm.tasks.arithmetic_data`; no download). ``task.data`` gives the training rows,
+``task.test_data`` the test rows (``task.split`` picks which the task conditions on).
+
+The policy's prompt is ``task.prompt_template`` with ``{x}``; Z is sampled after it and stops at
+a stop token (``task.stop``, default ``eos``: the tokenizer's EOS) within ``task.min_len`` …
+``task.output_len`` tokens (the stop counted, README "Stopping"). The reward is the base LM's
+probability of the rationale followed by the answer text Y = ``task.answer_template`` with
+``{y}``:
+
+    log R(Z) = log p̃₀(Z' | C, X) + log p₀(Y | C, X, Z'),     σ(Z | X, Y) ∝ R(Z)^{1/τ},
+
+where Z' is Z without its stop (the paper drops the stop and appends Y; ``task.score_stop=true``
+keeps it), C is ``task.reward_prompt`` (e.g. k worked examples; empty by default) placed before
+X in the reward's context only, and p̃₀ is p₀ with the task's logit bias: ``task.allowed``, when
+set, is a string of characters, and every token whose text is not made only of them (spaces and
+the tokenizer's space markers ignored) gets ``task.penalty`` added to its logit (the paper's
+−99 restriction), at rationale positions only, for the reward and the sampler alike (the task's
+:attr:`~smclm.tasks.base.Task.logit_bias`); the answer Y is scored by the unbiased p₀. The stop
+tokens are never penalised.
+
+The sampler's target is σ̃(Z) = p̃₀(Z | X)·φ(Z), so the potential is
+
+    log φ(Z) = (1/τ)·log R(Z) − log p̃₀(Z | X)
+
+(:class:`LatentPotential`): one teacher-forced pass over [X, Z', Y] when C is empty (the stop's
+probability is read at the position where Y starts), two passes otherwise.
+
+``task.prompt_index=all`` (split train) trains on every training row, one drawn per update
+(:meth:`smclm.tasks.base.Task.for_prompt` rebinds the potential to that row's answer). Not here
+yet (issue 24): the calculator in the sampler, the τ schedule, seeding a replay buffer with the
+labelled rows' z, and the accuracy / BLEU evaluators.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from smclm.errors import ConfigError
+from smclm.tasks.base import Task, resolve_stop_ids
+from smclm.tasks.plugin import TaskEnv
+
+BUILTIN = ("arithmetic",)
+
+
+def load_rows(source: str, split: str, **arithmetic: Any) -> list[dict[str, Any]]:
+    """The rows of ``source``: a JSONL file (:func:`smclm.tasks.arithmetic_data.read_jsonl`'s
+    format and checks), or ``arithmetic``: the generated data's training rows (labelled first,
+    then unlabelled) for ``split="train"``, its ``test_operands`` test rows for ``"test"``."""
+    from smclm.tasks import arithmetic_data
+
+    if str(source) == "arithmetic":
+        test_operands = int(arithmetic.pop("test_operands", 3))
+        data = arithmetic_data.generate(**arithmetic, test_operands=(test_operands,))
+        return data.labelled + data.unlabelled if split == "train" else data.test[test_operands]
+    return arithmetic_data.read_jsonl(Path(str(source)).expanduser())
+
+
+def allowed_token_bias(
+    tokenizer: Any, vocab: int, allowed: str, penalty: float, keep: tuple[int, ...]
+) -> Tensor:
+    """b [V]: ``penalty`` on every token whose text, spaces and space markers (Ġ, ▁) removed, has
+    a character outside ``allowed`` (an empty text counts as outside), 0 on the others and on
+    ``keep`` (the stop tokens); ids beyond the tokenizer's vocabulary are penalised too."""
+    from smclm.tasks.next_sentence import token_texts
+
+    n = min(vocab, len(tokenizer))
+    chars = set(allowed)
+    bias = torch.full((vocab,), float(penalty))
+    for i, text in enumerate(token_texts(tokenizer, n)):
+        core = text.replace("Ġ", "").replace("▁", "").replace(" ", "")
+        if core and set(core) <= chars:
+            bias[i] = 0.0
+    for i in keep:
+        bias[i] = 0.0
+    return bias
+
+
+@dataclass
+class _Row:
+    context: Tensor  # [C + X] the reward's context: reward prompt then the policy prompt's text
+    answer: Tensor  # [L_y] the answer text's ids
+
+
+class LatentPotential:
+    """log φ(Z) = (1/τ)·log R(Z) − log p̃₀(Z | X) on finished sequences Z (module docstring).
+
+    Bound to one policy prompt X (``prompt_ids``); ``rows`` maps every prompt's ids to its reward
+    context and answer; :meth:`for_prompt` rebinds it."""
+
+    def __init__(
+        self,
+        base: Any,
+        prompt_ids: Tensor,
+        rows: dict[tuple[int, ...], _Row],
+        tau: float,
+        bias: Tensor | None,
+        score_stop: bool = False,
+        batch_size: int = 64,
+    ) -> None:
+        self.base, self.prompt_ids, self.rows = base, prompt_ids, rows
+        self.tau, self.bias, self.score_stop = float(tau), bias, bool(score_stop)
+        self.batch_size = int(batch_size)
+        self.row = rows[tuple(int(i) for i in prompt_ids.tolist())]
+
+    def for_prompt(self, prompt_ids: Tensor) -> LatentPotential:
+        key = tuple(int(i) for i in prompt_ids.tolist())
+        if key not in self.rows:
+            raise ConfigError("task=latent: a prompt that is not one of the task's rows")
+        return LatentPotential(
+            self.base, prompt_ids, self.rows, self.tau, self.bias, self.score_stop, self.batch_size
+        )
+
+    def _log_probs(
+        self, context: Tensor, seq: Tensor, extra: tuple[int, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One teacher-forced pass over [context, seq]: log p̃₀ (biased logits) [N, L] and raw
+        (unbiased) log p₀ [N, L] of the tokens ``seq`` [N, L] after ``context`` [P]; with
+        ``extra`` = (j, tokens [N]) also log p̃₀ of those tokens in place of seq[:, j]."""
+        from smclm.models.twisted_lm import output_logits
+
+        p = context.numel()
+        ctx = context[None].expand(seq.shape[0], -1)
+        ids = torch.cat([ctx, seq[:, :-1]], dim=1)
+        h = self.base.base_model(input_ids=ids).last_hidden_state[:, p - 1 :]
+        logits = output_logits(self.base, h)  # [N, L, V] float32, with the task's bias
+        log_sm = logits.log_softmax(-1)
+        biased = log_sm.gather(-1, seq[..., None]).squeeze(-1)
+        other = None
+        if extra is not None:
+            j, tokens = extra
+            other = log_sm[:, j].gather(-1, tokens[:, None]).squeeze(-1)
+        if self.bias is None:
+            return biased, biased, other
+        raw_logits = logits - self.bias.to(logits.device)
+        raw = raw_logits.log_softmax(-1).gather(-1, seq[..., None]).squeeze(-1)
+        return biased, raw, other
+
+    @torch.no_grad()
+    def __call__(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
+        dev = next(self.base.parameters()).device
+        ctx = self.row.context.to(dev)
+        y = self.row.answer.to(dev)
+        same_context = torch.equal(ctx.cpu(), self.prompt_ids.cpu())
+        out = []
+        for i in range(0, tokens.shape[0], self.batch_size):
+            z = tokens[i : i + self.batch_size].to(dev)
+            zs = z if self.score_stop else z[:, :-1]
+            k = zs.shape[1]
+            seq = torch.cat([zs, y[None].expand(z.shape[0], -1)], dim=1)
+            # Z's stop, read where Y starts (the same context and prefix: the same hidden state)
+            extra = (k, z[:, -1]) if same_context and not self.score_stop else None
+            biased, raw, stop = self._log_probs(ctx, seq, extra)
+            log_r = biased[:, :k].sum(1) + raw[:, k:].sum(1)
+            if same_context:
+                log_p_z = biased[:, :k].sum(1) + (0.0 if stop is None else stop)
+            else:  # the policy's context differs from the reward's: a second pass
+                log_p_z = self._log_probs(self.prompt_ids.to(dev), z)[0].sum(1)
+            out.append(log_r / self.tau - log_p_z)
+        if not out:
+            return tokens.new_zeros(0).float()
+        return torch.cat(out).to(tokens.device).float()
+
+
+def latent_task(
+    env: TaskEnv,
+    *,
+    name: str,
+    prompt: str | None,
+    output_len: int,
+    data: str = "arithmetic",
+    test_data: str | None = None,
+    max_train_rows: int | None = None,
+    max_test_rows: int | None = None,
+    split: str = "train",
+    prompt_index: int | str = 0,
+    prompt_template: str = "{x}",
+    answer_template: str = "{y}",
+    reward_prompt: str = "",
+    stop: Any = "eos",
+    min_len: int = 1,
+    tau: float = 1.0,
+    allowed: str | None = None,
+    penalty: float = -99.0,
+    score_stop: bool = False,
+    data_seed: int = 0,
+    test_operands: int = 3,
+    cond_len: int = 0,
+) -> Task:
+    """The task of configs/task/latent.yaml (module docstring). ``prompt`` (the config's
+    placeholder) is not used: the prompt is row ``prompt_index`` of ``split``."""
+    from smclm.build import encode_prompt
+
+    if cond_len:
+        raise ConfigError(f"task.cond_len={cond_len}: task=latent conditions through its prompt")
+    if split not in ("train", "test"):
+        raise ConfigError(f"task.split={split} must be train or test")
+    tau = float(tau)
+    if not (tau > 0 and math.isfinite(tau)):
+        raise ConfigError(f"task.tau={tau} must be a positive number (1: the untempered target)")
+    gen = {"seed": int(data_seed), "test_operands": int(test_operands)}
+    train_rows = load_rows(data, "train", **gen)
+    if test_data is None and str(data) in BUILTIN:
+        test_data = data
+    test_rows = [] if test_data is None else load_rows(test_data, "test", **gen)
+    for key, value in (("max_train_rows", max_train_rows), ("max_test_rows", max_test_rows)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ConfigError(f"task.{key}={value!r}: give a positive integer, or null (all rows)")
+    train_rows = train_rows[:max_train_rows]
+    test_rows = test_rows[:max_test_rows]
+    if not train_rows:
+        raise ConfigError(f"task.data={data} has no rows; give a JSONL file of (x, y) rows")
+    chosen = train_rows if split == "train" else test_rows
+    every = str(prompt_index) == "all"
+    if every and split != "train":
+        raise ConfigError(
+            "task.prompt_index=all trains on every training row; it needs task.split=train"
+        )
+    index = 0
+    if not every:
+        try:
+            index = int(prompt_index)
+        except (TypeError, ValueError):
+            index = -1
+        if not 0 <= index < len(chosen):
+            raise ConfigError(
+                f"task.prompt_index={prompt_index} is outside the {len(chosen)} {split} rows; "
+                f"pick 0..{len(chosen) - 1}, or all (training on every training row)"
+            )
+    tok = env.tokenizer
+    if stop == "eos":
+        if getattr(tok, "eos_token_id", None) is None:
+            raise ConfigError("task.stop=eos: this tokenizer has no EOS token; name a stop token")
+        stop_ids: tuple[int, ...] = (int(tok.eos_token_id),)
+    else:
+        stop_ids = resolve_stop_ids(tok, stop, env.vocab_size)
+    if not stop_ids:
+        raise ConfigError("task.stop must name the stop token(s) of Z (default eos)")
+
+    table: dict[tuple[int, ...], _Row] = {}
+
+    def encode(rows: list[dict[str, Any]], where: str) -> tuple[Tensor, ...]:
+        out = []
+        for j, row in enumerate(rows):
+            try:
+                x_text = prompt_template.format(x=row["x"])
+                y_text = answer_template.format(y=row["y"])
+            except (KeyError, IndexError) as e:
+                raise ConfigError(
+                    f"task.prompt_template / answer_template: unknown field {e}; use {{x}} and {{y}}"
+                ) from None
+            try:
+                ids = encode_prompt(tok, x_text, bos=True)
+                ctx = encode_prompt(tok, reward_prompt + x_text, bos=True) if reward_prompt else ids
+            except ConfigError as e:
+                raise ConfigError(
+                    f"{where} row {j + 1}: the prompt (task.prompt_template with x"
+                    f"{', after task.reward_prompt' if reward_prompt else ''}) cannot be "
+                    f"tokenised: {e}"
+                ) from None
+            key = tuple(int(i) for i in ids.tolist())
+            answer = torch.tensor(tok(y_text, add_special_tokens=False)["input_ids"])
+            if answer.numel() == 0:
+                raise ConfigError(f"{where} row {j + 1}: the answer text {y_text!r} is empty")
+            known = table.get(key)
+            if known is not None and not torch.equal(known.answer, answer):
+                raise ConfigError(
+                    f"{where} row {j + 1}: x={row['x']!r} appears with two different answers; "
+                    "each question must have one answer"
+                )
+            table[key] = _Row(ctx, answer)
+            out.append(ids)
+        return tuple(out)
+
+    encoded = {"train": encode(train_rows, f"task.data={data}")}
+    encoded["test"] = encode(test_rows, f"task.test_data={test_data}")
+    prompt_ids = encoded[split][0 if every else index]
+    bias = None
+    if allowed:
+        bias = allowed_token_bias(tok, env.vocab_size, str(allowed), float(penalty), stop_ids)
+        bias = bias.to(env.device)
+    potential = LatentPotential(env.base, prompt_ids, table, tau, bias, bool(score_stop))
+    return Task(
+        name,
+        prompt_ids,
+        int(output_len),
+        potential,
+        log_phi_max=None,
+        stop_ids=stop_ids,
+        min_len=int(min_len),
+        logit_bias=bias,
+        train_prompts=encoded["train"] if every else (prompt_ids,),
+        test_prompts=encoded["test"],
+    )

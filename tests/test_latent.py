@@ -1,0 +1,198 @@
+"""task=latent (issue 24; Hu et al. §4.2-4.4): rows (x, y[, z]) from JSONL, Z stopped at EOS,
+log R(Z) = log p̃₀(Z' | C, X) + log p₀(Y | C, X, Z'), σ ∝ R^{1/τ}.
+
+On the toy world (V = 12, EOS = "end"): the potential against a direct computation with the
+model's own forward (so a wrong position, a missing bias or the stop scored twice would show),
+rebinding to another row, one-line refusals of bad data, a CLI run, and CTL and GFlowNet each
+cutting the exact KL(σ‖q) of a latent toy world to at most half.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_smclm
+from hydra import compose, initialize_config_module
+
+from smclm.build import build_world
+from smclm.errors import ConfigError
+from smclm.evaluators.exact import exact_metrics, solve
+from smclm.methods.base import TrainContext
+
+ROWS = [
+    {"x": "the cat", "y": "bad", "z": "sat on"},
+    {"x": "the dog", "y": "mat ran"},
+    {"x": "a dog", "y": "bad", "z": None},
+]
+EOS = 11  # "end", the toy tokenizer's EOS
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+    return write_rows(tmp_path_factory.mktemp("latent") / "rows.jsonl", ROWS)
+
+
+def world_for(rows_file, *extra):
+    overrides = [
+        "model=toy",
+        "task=latent",
+        f"task.data={rows_file}",
+        "task.output_len=3",
+        "task.min_len=1",
+        "method=ctl",
+        "evaluator=exact",
+        "device=cpu",
+        *extra,
+    ]
+    with initialize_config_module("smclm.configs", version_base="1.3"):
+        return build_world(compose("train", overrides=overrides))
+
+
+def encode(world, text):
+    return world.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def direct_log_phi(world, z, x, y, tau=1.0, reward_prompt="", bias=None):
+    """log φ(z) = (1/τ)·log R − log p̃₀(z | x) from the HF model's own logits."""
+    lm = world.model.base
+    b = torch.zeros(lm.config.vocab_size) if bias is None else bias
+
+    def log_probs(context, seq, biased):
+        ids = torch.tensor([context + seq])
+        with torch.no_grad():
+            logits = lm(input_ids=ids).logits[0].float()
+        out = []
+        for j, tok in enumerate(seq):
+            row = logits[len(context) + j - 1] + (b if biased[j] else 0.0)
+            out.append(float(row.log_softmax(-1)[tok]))
+        return out
+
+    zs = z[:-1]  # the stop is dropped before Y
+    ctx = encode(world, reward_prompt + x) if reward_prompt else encode(world, x)
+    ans = encode(world, y)
+    lr = log_probs(ctx, zs + ans, [True] * len(zs) + [False] * len(ans))
+    lp = log_probs(encode(world, x), z, [True] * len(z))
+    return sum(lr) / tau - sum(lp)
+
+
+SEQS = [[1, 2, EOS], [EOS, EOS, EOS], [9, EOS, EOS], [3, 4, EOS]]  # finished at ℓ = 3, 1, 2, 3
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        (),
+        ("task.tau=0.5", "task.allowed=thecatdgs", "task.penalty=-3"),
+        ("task.reward_prompt='the dog sat bad '", "task.tau=2"),
+    ],
+    ids=["plain", "tempered+allowed", "reward_prompt"],
+)
+def test_the_potential_is_log_r_over_tau_minus_log_p0(rows_file, extra):
+    world = world_for(rows_file, *extra)
+    task = world.task
+    assert task.stop_ids == (EOS,)
+    tau = 0.5 if "task.tau=0.5" in extra else 2.0 if "task.tau=2" in extra else 1.0
+    prompt = "the dog sat bad " if any("reward_prompt" in e for e in extra) else ""
+    bias = task.logit_bias.cpu() if task.logit_bias is not None else None
+    if "task.allowed=thecatdgs" in extra:  # "on", "mat", "and", "ran", "bad", "big" are out
+        assert bias is not None and bias[EOS] == 0 and bias[4] == -3 and bias[0] == 0
+    got = task.log_phi(torch.tensor(SEQS))
+    for row, z in enumerate(SEQS):
+        ell = z.index(EOS) + 1
+        want = direct_log_phi(world, z[:ell], "the cat", "bad", tau, prompt, bias)
+        assert abs(float(got[row]) - want) < 1e-4, (z, float(got[row]), want)
+
+
+def test_a_row_drawn_for_an_update_brings_its_own_answer(rows_file):
+    world = world_for(rows_file, "task.prompt_index=all")
+    task = world.task
+    assert len(task.train_prompts) == 3 and len(task.test_prompts) == 0
+    other = task.for_prompt(task.train_prompts[1])  # "the dog" -> "mat ran"
+    z = torch.tensor([[1, 2, EOS]])
+    want = direct_log_phi(world, [1, 2, EOS], "the dog", "mat ran")
+    assert abs(float(other.log_phi(z)[0]) - want) < 1e-4
+    assert abs(float(task.log_phi(z)[0]) - want) > 1e-3  # row 0 scores another answer
+
+
+def test_bad_data_is_refused_in_one_line(tmp_path, rows_file):
+    dup = write_rows(
+        tmp_path / "dup.jsonl", [{"x": "the cat", "y": "bad"}, {"x": "the cat", "y": "mat"}]
+    )
+    with pytest.raises(ConfigError, match=r"row 2: x='the cat' appears with two different answers"):
+        world_for(dup)
+    with pytest.raises(ConfigError, match="no such file"):
+        world_for(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ConfigError, match=r"task.prompt_index=7 is outside the 3 train rows"):
+        world_for(rows_file, "task.prompt_index=7")
+    with pytest.raises(ConfigError, match="unknown field"):
+        world_for(rows_file, "task.prompt_template='{question}'")
+    with pytest.raises(ConfigError, match=r"row 1: the prompt .* cannot be tokenised"):
+        world_for(rows_file, "task.prompt_template='zebra {x}'")
+    with pytest.raises(ConfigError, match="max_train_rows=0"):
+        world_for(rows_file, "task.max_train_rows=0")
+
+
+def test_the_generated_arithmetic_rows_load_with_their_test_split():
+    from smclm.tasks.latent import load_rows
+
+    train = load_rows("arithmetic", "train", seed=0, test_operands=5)
+    test = load_rows("arithmetic", "test", seed=0, test_operands=5)
+    assert len(train) == 1050 and len(test) == 500
+    assert all(r["n_operands"] == 5 for r in test)
+    assert {r["x"] for r in train}.isdisjoint({r["x"] for r in test})
+
+
+def test_train_on_a_latent_task_from_the_command_line(tmp_path, rows_file):
+    out = tmp_path / "run"
+    res = run_smclm(
+        "train",
+        "model=toy",
+        "task=latent",
+        f"task.data={rows_file}",
+        "task.output_len=3",
+        "task.min_len=1",
+        "task.prompt_index=all",
+        "method=ctl",
+        "evaluator=none",
+        "train.updates=3",
+        "train.progress=false",
+        "device=cpu",
+        f"hydra.run.dir={out}",
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize(("name", "updates"), [("ctl", 100), ("gfn", 200)])
+def test_ctl_and_gfn_halve_the_exact_kl_on_a_latent_toy_world(rows_file, name, updates):
+    """x = "the cat", y = "bad", Z of 1-3 tokens (the stop "end" counted); τ = 0.7 and a
+    restricted vocabulary. Seen (seed 0): CTL 2.29 -> 0.013, GFlowNet 2.29 -> 0.001."""
+    extra = ("task.tau=0.7", "task.allowed=thecatdgs", "task.penalty=-3", f"method={name}")
+    world = world_for(rows_file, *extra)
+    model, task, method = world.model, world.task, world.learner
+    sol = solve(model, task)
+    batch = TrainContext(model, task, 32, torch.Generator().manual_seed(0))
+    kl0 = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
+    lr = 3e-3
+    if hasattr(method, "update"):  # GFlowNet owns its update
+        method.setup(batch, lr)
+        for _ in range(updates):
+            method.update(batch)
+    else:
+        params = [p for p in model.trainables().parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr)
+        for _ in range(updates):
+            loss, _ = method.loss(batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    kl1 = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
+    print(f"{name}: KL(sigma||q) {kl0:.3f} -> {kl1:.3f}")
+    assert kl0 > 1.0 and kl1 <= 0.5 * kl0
