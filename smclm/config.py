@@ -164,8 +164,9 @@ def validate(cfg: DictConfig) -> None:
         "paper's) or embedding (scored against the base LM's output embeddings)",
     )
     _require(
-        cfg.evaluator.name in ("auto", "none", "exact", "bounds", "sentences"),
-        f"evaluator={cfg.evaluator.name} is not one of: auto, none, exact, bounds, sentences",
+        cfg.evaluator.name in ("auto", "none", "exact", "bounds", "sentences", "arithmetic"),
+        f"evaluator={cfg.evaluator.name} is not one of: auto, none, exact, bounds, sentences, "
+        "arithmetic",
     )
 
 

@@ -66,6 +66,14 @@ class Evaluator:
                 seed=int(cfg.seed),
                 untrained=untrained,
             )
+        self.arithmetic = None
+        if self.name == "arithmetic":
+            from smclm.evaluators.arithmetic import ArithmeticEvaluator
+
+            self.arithmetic = ArithmeticEvaluator(
+                cfg.evaluator, world.model, world.tokenizer, world.task, smc=cfg.smc,
+                untrained=untrained,
+            )  # fmt: skip
         if self.name == "auto":
             self.name = choose_evaluator(
                 world.model.vocab_size,
@@ -82,7 +90,7 @@ class Evaluator:
             )
 
     def _enumerable(self) -> bool:
-        if self.name in ("none", "sentences"):
+        if self.name in ("none", "sentences", "arithmetic"):
             return False
         v, t = self.world.model.vocab_size, self.world.task.output_len
         limit = int(self.cfg.evaluator.get("max_sequences", 1_000_000))
@@ -121,6 +129,11 @@ class Evaluator:
                 int(self.cfg.seed) * 1_000_003 + step
             )
             return self.sentences(step, gen)
+        if self.arithmetic is not None:
+            gen = torch.Generator(device=self.world.device).manual_seed(
+                int(self.cfg.seed) * 1_000_003 + step
+            )
+            return self.arithmetic(step, gen)
         out: dict[str, float | str] = {}
         log_z_exact = None
         model, task = self.world.model, self.world.task

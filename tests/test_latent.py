@@ -196,3 +196,50 @@ def test_ctl_and_gfn_halve_the_exact_kl_on_a_latent_toy_world(rows_file, name, u
     kl1 = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
     print(f"{name}: KL(sigma||q) {kl0:.3f} -> {kl1:.3f}")
     assert kl0 > 1.0 and kl1 <= 0.5 * kl0
+
+
+@pytest.fixture(scope="module")
+def arithmetic_gpt2_dir(tmp_path_factory):
+    """A tiny random GPT-2 whose byte-level tokenizer was trained on the arithmetic rows."""
+    from conftest import byte_level_tokenizer, save_tiny_gpt2_with
+
+    from smclm.tasks.latent import load_rows
+
+    rows = load_rows("arithmetic", "train", seed=0) + load_rows("arithmetic", "test", seed=0)
+    corpus = [f"{r['x']} {r['z'] or ''}. The answer is {r['y']}." for r in rows[:400]]
+    return save_tiny_gpt2_with(byte_level_tokenizer(corpus, 300), tmp_path_factory.mktemp("ar"))
+
+
+def test_arithmetic_accuracy_from_the_command_line(tmp_path, arithmetic_gpt2_dir):
+    """evaluator=arithmetic on task=latent task.data=arithmetic: 10 samples per test row at
+    temperature 0.1 from the run's sampler, majority vote, accuracy per operand count (a random
+    model: the numbers are what they are; the keys, counts and range are checked)."""
+    out = tmp_path / "run"
+    res = run_smclm(
+        "train",
+        f"model.name={arithmetic_gpt2_dir}",
+        "task=latent",
+        "task.data=arithmetic",
+        "task.max_train_rows=20",
+        "task.max_test_rows=3",
+        "task.test_operands=5",
+        "task.output_len=6",
+        "task.min_len=1",
+        "task.prompt_index=all",
+        "task.answer_template='. The answer is {y}.'",
+        "task.allowed=' ,.0123456789=+-'",
+        "method=ctl",
+        "smc.n_particles=4",
+        "evaluator=arithmetic",
+        "evaluator.n_samples=3",
+        "train.updates=1",
+        "train.progress=false",
+        "device=cpu",
+        f"hydra.run.dir={out}",
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    flat = json.loads((out / "summary.json").read_text())
+    assert flat.get("arith/n_5op") == 3 and flat.get("arith/n") == 3, flat
+    assert 0.0 <= flat["arith/acc_5op"] <= 1.0
+    assert flat["arith/sampler"] == "twisted_smc" and flat["arith/n_samples"] == 3
+    assert flat["arith/example"].startswith("Question:")

@@ -108,8 +108,10 @@ class LatentPotential:
         bias: Tensor | None,
         score_stop: bool = False,
         batch_size: int = 64,
+        test_rows: list[dict[str, Any]] | None = None,
     ) -> None:
         self.base, self.prompt_ids, self.rows = base, prompt_ids, rows
+        self.test_rows = test_rows  # the test split's rows, in test_prompts' order (evaluators)
         self.tau, self.bias, self.score_stop = float(tau), bias, bool(score_stop)
         self.batch_size = int(batch_size)
         self.row = rows[tuple(int(i) for i in prompt_ids.tolist())]
@@ -119,7 +121,14 @@ class LatentPotential:
         if key not in self.rows:
             raise ConfigError("task=latent: a prompt that is not one of the task's rows")
         return LatentPotential(
-            self.base, prompt_ids, self.rows, self.tau, self.bias, self.score_stop, self.batch_size
+            self.base,
+            prompt_ids,
+            self.rows,
+            self.tau,
+            self.bias,
+            self.score_stop,
+            self.batch_size,
+            self.test_rows,
         )
 
     def _log_probs(
@@ -292,7 +301,9 @@ def latent_task(
     if allowed:
         bias = allowed_token_bias(tok, env.vocab_size, str(allowed), float(penalty), stop_ids)
         bias = bias.to(env.device)
-    potential = LatentPotential(env.base, prompt_ids, table, tau, bias, bool(score_stop))
+    potential = LatentPotential(
+        env.base, prompt_ids, table, tau, bias, bool(score_stop), test_rows=test_rows
+    )
     return Task(
         name,
         prompt_ids,
