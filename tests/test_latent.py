@@ -243,3 +243,28 @@ def test_arithmetic_accuracy_from_the_command_line(tmp_path, arithmetic_gpt2_dir
     assert 0.0 <= flat["arith/acc_5op"] <= 1.0
     assert flat["arith/sampler"] == "twisted_smc" and flat["arith/n_samples"] == 3
     assert flat["arith/example"].startswith("Question:")
+
+
+def test_gfn_seeds_its_replay_buffer_with_the_labelled_rationales(rows_file):
+    """method.buffer.seed_with_task=true: row 0's z "sat on" (then the stop) enters the buffer
+    under its prompt with its untempered log R = log p₀(z | x) + log φ(z)."""
+    world = world_for(
+        rows_file, "method=gfn", "method.buffer.enabled=true", "method.buffer.seed_with_task=true"
+    )
+    model, task, method = world.model, world.task, world.learner
+    batch = TrainContext(model, task, 8, torch.Generator().manual_seed(0))
+    method.setup(batch, 1e-3)
+    entries = method.buffer.entries(())
+    assert encode(world, "sat on") == [3, 4]
+    z = [3, 4, EOS]  # z_template " {z}": the toy tokenizer splits on blanks
+    assert [list(seq) for _, seq in entries] == [z]
+    lm = world.model.base
+    with torch.no_grad():
+        logits = lm(input_ids=torch.tensor([[0, 1] + z[:-1]])).logits[0].log_softmax(-1)
+    log_p_z = sum(float(logits[1 + j, tok]) for j, tok in enumerate(z))
+    want = log_p_z + direct_log_phi(world, z, "the cat", "bad")
+    assert abs(entries[0][0] - want) < 1e-4
+    without = world_for(rows_file, "method=gfn", "method.buffer.enabled=false",
+                        "method.buffer.seed_with_task=true")  # fmt: skip
+    with pytest.raises(ConfigError, match="seed_with_task=true needs the replay buffer"):
+        without.learner.setup(TrainContext(without.model, without.task, 8, torch.Generator()), 1e-3)

@@ -142,6 +142,7 @@ BUFFER_DEFAULTS: dict[str, Any] = {
     "capacity": 50,
     "sim_tolerance": 0.25,
     "seed_with_exact": False,
+    "seed_with_task": False,
 }
 
 
@@ -550,6 +551,8 @@ class GFN:
         self.optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]], lr=self.lr, betas=(0.9, 0.999), eps=1e-8
         )
+        if bool(self.buffer_cfg.get("seed_with_task", False)):
+            self._seed_with_task(batch)
         if self.needs_exact and not conditional:
             pool = batch.exact_pool
             if pool is None or self.buffer is None:
@@ -557,6 +560,39 @@ class GFN:
             self.buffer.add_batch(
                 [()] * pool.shape[0], pool, _log_r(batch, pool, None), _lengths(task, pool)
             )
+
+    @torch.no_grad()
+    def _seed_with_task(self, batch: TrainContext) -> None:
+        """``method.buffer.seed_with_task=true``: offer the task's own demonstrations (task=latent:
+        the labelled rows' z, :meth:`~smclm.tasks.latent.LatentPotential.seed_sequences`) to the
+        replay buffer under their prompts, with their untempered log R (Hu et al.'s buffer
+        seeded with the labelled rationales)."""
+        from dataclasses import replace
+
+        task = batch.task
+        seeds = getattr(task.potential, "seed_sequences", None)
+        if self.buffer is None:
+            raise ConfigError(
+                "method.buffer.seed_with_task=true needs the replay buffer; set "
+                "method.buffer.enabled=true"
+            )
+        if seeds is None or task.stopping is None:
+            raise ConfigError(
+                f"method.buffer.seed_with_task=true: task '{task.name}' has no demonstrations "
+                "to seed with (task=latent rows with z)"
+            )
+        by_prompt = seeds(task.output_len, task.stopping.pad_id)
+        if not by_prompt:
+            raise ConfigError(
+                f"method.buffer.seed_with_task=true: no row of task '{task.name}' has a z that "
+                f"fits in task.output_len={task.output_len} tokens with its stop"
+            )
+        for prompt_ids, tokens in by_prompt:
+            t = task.for_prompt(prompt_ids)
+            sub = replace(batch, task=t)
+            tokens = tokens.to(batch.model.device)
+            keys = _keys(t, None, tokens.shape[0])
+            self.buffer.add_batch(keys, tokens, _log_r(sub, tokens, None), _lengths(t, tokens))
 
     def _resolve_loss(self, task: Task) -> None:
         """``loss=auto``: modified SubTB for a task that stops, TB otherwise (decided here, from

@@ -32,9 +32,12 @@ The sampler's target is σ̃(Z) = p̃₀(Z | X)·φ(Z), so the potential is
 probability is read at the position where Y starts), two passes otherwise.
 
 ``task.prompt_index=all`` (split train) trains on every training row, one drawn per update
-(:meth:`smclm.tasks.base.Task.for_prompt` rebinds the potential to that row's answer). Not here
-yet (issue 24): the calculator in the sampler, the τ schedule, seeding a replay buffer with the
-labelled rows' z, and the accuracy / BLEU evaluators.
+(:meth:`smclm.tasks.base.Task.for_prompt` rebinds the potential to that row's answer). The
+labelled training rows' z (``task.z_template`` with ``{z}``, default " {z}", then the stop) are
+the task's demonstrations: ``method=gfn method.buffer.seed_with_task=true`` seeds the replay
+buffer with them. The paper's reward-temperature schedule is GFlowNet's ``method.tau_r_*``
+(with ``method.allow_tempered_target=true``). Not here yet (issue 24): the calculator in the
+sampler and the BLEU / GLEU evaluators.
 """
 
 from __future__ import annotations
@@ -112,15 +115,28 @@ class LatentPotential:
     ) -> None:
         self.base, self.prompt_ids, self.rows = base, prompt_ids, rows
         self.test_rows = test_rows  # the test split's rows, in test_prompts' order (evaluators)
+        self.demos: list[tuple[Tensor, list[int]]] = []  # (prompt ids, z ids) of labelled rows
         self.tau, self.bias, self.score_stop = float(tau), bias, bool(score_stop)
         self.batch_size = int(batch_size)
         self.row = rows[tuple(int(i) for i in prompt_ids.tolist())]
+
+    def seed_sequences(self, output_len: int, pad_id: int) -> list[tuple[Tensor, Tensor]]:
+        """The labelled training rows' z as finished sequences, grouped by prompt: (prompt ids,
+        tokens [n, T] = z, its stop, the pad id after it); rows whose z and stop exceed T are
+        left out."""
+        groups: dict[tuple[int, ...], tuple[Tensor, list[list[int]]]] = {}
+        for prompt_ids, z in self.demos:
+            if len(z) > output_len:
+                continue
+            key = tuple(int(i) for i in prompt_ids.tolist())
+            groups.setdefault(key, (prompt_ids, []))[1].append(z + [pad_id] * (output_len - len(z)))
+        return [(p, torch.tensor(rows, dtype=torch.long)) for p, rows in groups.values()]
 
     def for_prompt(self, prompt_ids: Tensor) -> LatentPotential:
         key = tuple(int(i) for i in prompt_ids.tolist())
         if key not in self.rows:
             raise ConfigError("task=latent: a prompt that is not one of the task's rows")
-        return LatentPotential(
+        bound = LatentPotential(
             self.base,
             prompt_ids,
             self.rows,
@@ -130,6 +146,8 @@ class LatentPotential:
             self.batch_size,
             self.test_rows,
         )
+        bound.demos = self.demos
+        return bound
 
     def _log_probs(
         self, context: Tensor, seq: Tensor, extra: tuple[int, Tensor] | None = None
@@ -196,6 +214,7 @@ def latent_task(
     prompt_index: int | str = 0,
     prompt_template: str = "{x}",
     answer_template: str = "{y}",
+    z_template: str = " {z}",
     reward_prompt: str = "",
     stop: Any = "eos",
     min_len: int = 1,
@@ -260,6 +279,7 @@ def latent_task(
         raise ConfigError("task.stop must name the stop token(s) of Z (default eos)")
 
     table: dict[tuple[int, ...], _Row] = {}
+    demos: list[tuple[Tensor, list[int]]] = []  # labelled training rows: (prompt ids, z ids)
 
     def encode(rows: list[dict[str, Any]], where: str) -> tuple[Tensor, ...]:
         out = []
@@ -291,6 +311,9 @@ def latent_task(
                     "each question must have one answer"
                 )
             table[key] = _Row(ctx, answer)
+            if row.get("z") is not None and where.startswith("task.data"):
+                z_text = z_template.format(z=row["z"])
+                demos.append((ids, list(tok(z_text, add_special_tokens=False)["input_ids"])))
             out.append(ids)
         return tuple(out)
 
@@ -304,6 +327,7 @@ def latent_task(
     potential = LatentPotential(
         env.base, prompt_ids, table, tau, bias, bool(score_stop), test_rows=test_rows
     )
+    potential.demos = [(ids, z + [stop_ids[0]]) for ids, z in demos]
     return Task(
         name,
         prompt_ids,
