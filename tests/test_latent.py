@@ -268,3 +268,24 @@ def test_gfn_seeds_its_replay_buffer_with_the_labelled_rationales(rows_file):
                         "method.buffer.seed_with_task=true")  # fmt: skip
     with pytest.raises(ConfigError, match="seed_with_task=true needs the replay buffer"):
         without.learner.setup(TrainContext(without.model, without.task, 8, torch.Generator()), 1e-3)
+
+
+def test_the_label_check_penalises_rationales_after_which_p0_prefers_another_label(rows_file):
+    """task.labels=[bad, mat]: log R gets −50 exactly where p₀("mat" | x, z') > p₀("bad" | x, z')
+    for row 0 (y = "bad"); every 2-token z with its stop is checked, and both cases occur."""
+    world = world_for(rows_file, "task.labels=[bad,mat,ran]", "task.max_train_rows=1")
+    lm = world.model.base
+    zs = [[a, b, EOS] for a in range(11) for b in range(11)]
+    got = world.task.log_phi(torch.tensor(zs))
+    flags = []
+    for row, z in enumerate(zs):
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([[0, 1] + z[:2]])).logits[0, -1].log_softmax(-1)
+        scores = {w: float(logits[encode(world, w)[0]]) for w in ("bad", "mat", "ran")}
+        wrong = max(scores["mat"], scores["ran"]) > scores["bad"]
+        flags.append(wrong)
+        want = direct_log_phi(world, z, "the cat", "bad") - 50.0 * wrong
+        assert abs(float(got[row]) - want) < 1e-4, (z, float(got[row]), want)
+    assert any(flags) and not all(flags)
+    with pytest.raises(ConfigError, match=r"y='mat ran' is not one of task.labels"):
+        world_for(rows_file, "task.labels=[bad,mat]")

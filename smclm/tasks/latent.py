@@ -94,6 +94,7 @@ def allowed_token_bias(
 class _Row:
     context: Tensor  # [C + X] the reward's context: reward prompt then the policy prompt's text
     answer: Tensor  # [L_y] the answer text's ids
+    others: tuple[Tensor, ...] = ()  # task.labels: the other labels' answer ids (label check)
 
 
 class LatentPotential:
@@ -112,9 +113,11 @@ class LatentPotential:
         score_stop: bool = False,
         batch_size: int = 64,
         test_rows: list[dict[str, Any]] | None = None,
+        label_penalty: float | None = None,
     ) -> None:
         self.base, self.prompt_ids, self.rows = base, prompt_ids, rows
         self.test_rows = test_rows  # the test split's rows, in test_prompts' order (evaluators)
+        self.label_penalty = label_penalty  # added to log R when p₀ prefers another label
         self.demos: list[tuple[Tensor, list[int]]] = []  # (prompt ids, z ids) of labelled rows
         self.tau, self.bias, self.score_stop = float(tau), bias, bool(score_stop)
         self.batch_size = int(batch_size)
@@ -145,6 +148,7 @@ class LatentPotential:
             self.score_stop,
             self.batch_size,
             self.test_rows,
+            self.label_penalty,
         )
         bound.demos = self.demos
         return bound
@@ -174,6 +178,18 @@ class LatentPotential:
         raw = raw_logits.log_softmax(-1).gather(-1, seq[..., None]).squeeze(-1)
         return biased, raw, other
 
+    def _prefers_another(self, ctx: Tensor, zs: Tensor, true_raw: Tensor) -> Tensor:
+        """1.0 where p₀ scores another label's answer text above the row's own after
+        [C, X, Z'] (the subjectivity reward's label check), else 0.0 [N]."""
+        true_score = true_raw.sum(1)
+        worse = torch.zeros_like(true_score)
+        for other in self.row.others:
+            other = other.to(zs.device)
+            seq = torch.cat([zs, other[None].expand(zs.shape[0], -1)], dim=1)
+            raw = self._log_probs(ctx, seq)[1][:, zs.shape[1] :].sum(1)
+            worse = torch.maximum(worse, (raw > true_score).float())
+        return worse
+
     @torch.no_grad()
     def __call__(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
         dev = next(self.base.parameters()).device
@@ -190,6 +206,8 @@ class LatentPotential:
             extra = (k, z[:, -1]) if same_context and not self.score_stop else None
             biased, raw, stop = self._log_probs(ctx, seq, extra)
             log_r = biased[:, :k].sum(1) + raw[:, k:].sum(1)
+            if self.label_penalty is not None and self.row.others:
+                log_r = log_r + self.label_penalty * self._prefers_another(ctx, zs, raw[:, k:])
             if same_context:
                 log_p_z = biased[:, :k].sum(1) + (0.0 if stop is None else stop)
             else:  # the policy's context differs from the reward's: a second pass
@@ -222,6 +240,8 @@ def latent_task(
     allowed: str | None = None,
     penalty: float = -99.0,
     score_stop: bool = False,
+    labels: list[Any] | None = None,
+    label_penalty: float = -50.0,
     data_seed: int = 0,
     test_operands: int = 3,
     cond_len: int = 0,
@@ -279,6 +299,13 @@ def latent_task(
         raise ConfigError("task.stop must name the stop token(s) of Z (default eos)")
 
     table: dict[tuple[int, ...], _Row] = {}
+    label_list = None if labels is None else [str(v) for v in labels]
+    if label_list is not None and len(set(label_list)) < 2:
+        raise ConfigError(f"task.labels={labels}: give at least two distinct labels, or null")
+
+    def answer_ids(y: Any) -> Tensor:
+        return torch.tensor(tok(answer_template.format(y=y), add_special_tokens=False)["input_ids"])
+
     demos: list[tuple[Tensor, list[int]]] = []  # labelled training rows: (prompt ids, z ids)
 
     def encode(rows: list[dict[str, Any]], where: str) -> tuple[Tensor, ...]:
@@ -301,7 +328,7 @@ def latent_task(
                     f"tokenised: {e}"
                 ) from None
             key = tuple(int(i) for i in ids.tolist())
-            answer = torch.tensor(tok(y_text, add_special_tokens=False)["input_ids"])
+            answer = answer_ids(row["y"])
             if answer.numel() == 0:
                 raise ConfigError(f"{where} row {j + 1}: the answer text {y_text!r} is empty")
             known = table.get(key)
@@ -310,7 +337,15 @@ def latent_task(
                     f"{where} row {j + 1}: x={row['x']!r} appears with two different answers; "
                     "each question must have one answer"
                 )
-            table[key] = _Row(ctx, answer)
+            others: tuple[Tensor, ...] = ()
+            if label_list is not None:
+                if str(row["y"]) not in label_list:
+                    raise ConfigError(
+                        f"{where} row {j + 1}: y={row['y']!r} is not one of task.labels="
+                        f"{label_list}; list every label, or set task.labels=null"
+                    )
+                others = tuple(answer_ids(v) for v in label_list if v != str(row["y"]))
+            table[key] = _Row(ctx, answer, others)
             if row.get("z") is not None and where.startswith("task.data"):
                 z_text = z_template.format(z=row["z"])
                 demos.append((ids, list(tok(z_text, add_special_tokens=False)["input_ids"])))
@@ -325,7 +360,14 @@ def latent_task(
         bias = allowed_token_bias(tok, env.vocab_size, str(allowed), float(penalty), stop_ids)
         bias = bias.to(env.device)
     potential = LatentPotential(
-        env.base, prompt_ids, table, tau, bias, bool(score_stop), test_rows=test_rows
+        env.base,
+        prompt_ids,
+        table,
+        tau,
+        bias,
+        bool(score_stop),
+        test_rows=test_rows,
+        label_penalty=None if label_list is None else float(label_penalty),
     )
     potential.demos = [(ids, z + [stop_ids[0]]) for ids, z in demos]
     return Task(
