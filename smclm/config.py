@@ -164,11 +164,12 @@ def validate(cfg: DictConfig) -> None:
         "paper's) or embedding (scored against the base LM's output embeddings)",
     )
     _require(
-        cfg.evaluator.name in ("auto", "none", "exact", "bounds", "sentences", "arithmetic"),
-        f"evaluator={cfg.evaluator.name} is not one of: auto, none, exact, bounds, sentences, "
-        "arithmetic",
+        cfg.evaluator.name in EVALUATORS,
+        f"evaluator={cfg.evaluator.name} is not one of: {', '.join(EVALUATORS)}",
     )
 
+
+EVALUATORS = ("auto", "none", "exact", "bounds", "sentences", "arithmetic", "overlap", "label_vote")
 
 # Every numeric (and boolean) key with a range: (key, kind, an example of a valid value). Keys a
 # config does not have are skipped; method-specific keys are checked by the methods' constructors.

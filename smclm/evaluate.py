@@ -26,6 +26,13 @@ def choose_evaluator(vocab_size: int, output_len: int, max_sequences: int) -> st
     return "exact" if output_len * math.log10(vocab_size) <= math.log10(max_sequences) else "bounds"
 
 
+LATENT_EVALUATORS = {  # name: class (smclm/evaluators/latent.py)
+    "arithmetic": "smclm.evaluators.arithmetic.ArithmeticEvaluator",
+    "overlap": "smclm.evaluators.latent.OverlapEvaluator",
+    "label_vote": "smclm.evaluators.latent.LabelVoteEvaluator",
+}
+
+
 class Evaluator:
     """Evaluates the world's current proposal; caches the enumeration (it depends on p₀ only).
 
@@ -66,11 +73,12 @@ class Evaluator:
                 seed=int(cfg.seed),
                 untrained=untrained,
             )
-        self.arithmetic = None
-        if self.name == "arithmetic":
-            from smclm.evaluators.arithmetic import ArithmeticEvaluator
+        self.latent = None  # the evaluators of task=latent's test rows
+        if self.name in LATENT_EVALUATORS:
+            import importlib
 
-            self.arithmetic = ArithmeticEvaluator(
+            module, cls = LATENT_EVALUATORS[self.name].rsplit(".", 1)
+            self.latent = getattr(importlib.import_module(module), cls)(
                 cfg.evaluator, world.model, world.tokenizer, world.task, smc=cfg.smc,
                 untrained=untrained,
             )  # fmt: skip
@@ -90,7 +98,7 @@ class Evaluator:
             )
 
     def _enumerable(self) -> bool:
-        if self.name in ("none", "sentences", "arithmetic"):
+        if self.name in ("none", "sentences", *LATENT_EVALUATORS):
             return False
         v, t = self.world.model.vocab_size, self.world.task.output_len
         limit = int(self.cfg.evaluator.get("max_sequences", 1_000_000))
@@ -129,11 +137,11 @@ class Evaluator:
                 int(self.cfg.seed) * 1_000_003 + step
             )
             return self.sentences(step, gen)
-        if self.arithmetic is not None:
+        if self.latent is not None:
             gen = torch.Generator(device=self.world.device).manual_seed(
                 int(self.cfg.seed) * 1_000_003 + step
             )
-            return self.arithmetic(step, gen)
+            return self.latent(step, gen)
         out: dict[str, float | str] = {}
         log_z_exact = None
         model, task = self.world.model, self.world.task

@@ -289,3 +289,69 @@ def test_the_label_check_penalises_rationales_after_which_p0_prefers_another_lab
     assert any(flags) and not all(flags)
     with pytest.raises(ConfigError, match=r"y='mat ran' is not one of task.labels"):
         world_for(rows_file, "task.labels=[bad,mat]")
+
+
+@pytest.mark.parametrize(
+    ("evaluator", "keys"),
+    [
+        ("overlap", ("infill/bleu4", "infill/gleu")),
+        ("label_vote", ("label/acc",)),
+    ],
+)
+def test_the_infilling_and_label_evaluators_from_the_command_line(tmp_path, evaluator, keys):
+    """evaluator=overlap (BLEU-4, GLEU against each test row's z) and evaluator=label_vote
+    (majority label after Z) on the toy world's test rows, through `smclm train`."""
+    test_rows = [
+        {"x": "the cat", "y": "bad", "z": "sat on the mat."},
+        {"x": "a dog", "y": "mat", "z": "ran and sat"},
+    ]
+    train = write_rows(tmp_path / "train.jsonl", ROWS[:1])
+    test = write_rows(tmp_path / "test.jsonl", test_rows)
+    out = tmp_path / "run"
+    res = run_smclm(
+        "train",
+        "model=toy",
+        "task=latent",
+        f"task.data={train}",
+        f"task.test_data={test}",
+        "task.output_len=3",
+        "task.min_len=1",
+        "task.labels=[bad,mat]",
+        "method=ctl",
+        f"evaluator={evaluator}",
+        "evaluator.n_samples=4",
+        "train.updates=1",
+        "train.progress=false",
+        "device=cpu",
+        f"hydra.run.dir={out}",
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    flat = json.loads((out / "summary.json").read_text())
+    prefix = keys[0].split("/")[0]
+    for key in keys:
+        assert 0.0 <= flat[key] <= 1.0, flat
+    assert flat[f"{prefix}/sampler"] == "twisted_smc" and flat[f"{prefix}/n_samples"] == 4
+
+
+def test_the_label_vote_follows_p0s_preference_after_each_sample(rows_file):
+    """LabelVoteEvaluator.predict: the label whose answer p₀ scores highest after [x, z]."""
+    from omegaconf import OmegaConf
+
+    from smclm.evaluators.latent import LabelVoteEvaluator
+
+    world = world_for(rows_file, "task.labels=[bad,mat,ran]", "task.max_train_rows=1",
+                      f"task.test_data={rows_file}", "task.max_test_rows=1")  # fmt: skip
+    ev = LabelVoteEvaluator(
+        OmegaConf.create({"n_samples": 2}), world.model, world.tokenizer, world.task,
+        smc=OmegaConf.create({"n_particles": 4, "resampling": "multinomial", "ess_threshold": 0.5}),
+    )  # fmt: skip
+    lm = world.model.base
+    seen = set()
+    for z in ([1, 2], [9, 9], [3, 4], [5, 6], [7, 8], [2, 10]):
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([[0, 1] + z])).logits[0, -1].log_softmax(-1)
+        scores = {w: float(logits[encode(world, w)[0]]) for w in ("bad", "mat", "ran")}
+        want = max(scores, key=scores.get)
+        seen.add(want)
+        assert ev.predict(world.task, z) == want
+    assert len(seen) >= 2  # the check can tell labels apart

@@ -114,101 +114,37 @@ def accuracy_by_operands(
     return out
 
 
-SAMPLERS = ("auto", "policy", "twisted_smc", "p0")
-
-
 class ArithmeticEvaluator:
     """``evaluator=arithmetic``: for each of the first ``n_prompts`` test rows of a
-    ``task=latent`` task (integer answers), ``n_samples`` finished samples from the run's sampler
-    (``auto``: its policy, else twisted SMC with its twist, else p₀), each decoded with its
-    prompt (the stop dropped), one answer each (:func:`extract_answer`), a majority vote and
-    exact match (:func:`accuracy_by_operands`). ``temperature`` (the paper: 0.1) divides the
-    logits of the policy's or p₀'s proposal; twisted SMC samples at temperature 1 (its weights
-    correct the proposal towards σ) and draws the n samples from its final weights."""
+    ``task=latent`` task (integer answers), ``n_samples`` samples from the run's sampler
+    (:class:`smclm.evaluators.latent.LatentSamples`; the paper: 10 at temperature 0.1), each
+    decoded with its prompt, one answer each (:func:`extract_answer`), a majority vote and exact
+    match (:func:`accuracy_by_operands`)."""
 
     def __init__(
-        self, ev: Any, model: Any, tokenizer: Any, task: Any, *, smc: Any, untrained: bool = False
+        self, ev: Any, model: Any, tokenizer: Any, task: Any, *, smc: Any, untrained=False
     ):
-        rows = getattr(task.potential, "test_rows", None)
-        if not rows or not getattr(task, "test_prompts", ()):
-            raise ConfigError(
-                f"evaluator=arithmetic needs test rows with integer answers (task=latent with "
-                f"task.test_data, or task.data=arithmetic); task '{task.name}' has none"
-            )
-        for row in rows:
+        from smclm.evaluators.latent import LatentSamples
+
+        self.samples = LatentSamples(
+            ev, model, tokenizer, task, smc=smc, untrained=untrained, name="arithmetic",
+            n_default=10, temperature_default=0.1,
+        )  # fmt: skip
+        for row in self.samples.rows:
             true_value(row["y"])  # refuses a non-integer answer in one line
-        n_prompts = ev.get("n_prompts")
-        self.rows = list(rows)[: None if n_prompts is None else int(n_prompts)]
-        self.prompts = list(task.test_prompts)[: len(self.rows)]
-        self.n = int(ev.get("n_samples", 10))
-        self.temperature = float(ev.get("temperature", 0.1))
-        if not (self.n > 0 and self.temperature > 0):
-            raise ConfigError(
-                f"evaluator.n_samples={self.n} and evaluator.temperature={self.temperature} "
-                "must be positive"
-            )
         missing = ev.get("missing")
         self.missing = None if missing is None else int(missing)
-        sampler = str(ev.get("sampler", "auto"))
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"evaluator.sampler={sampler} must be one of {', '.join(SAMPLERS)}")
-        if sampler == "auto":
-            if untrained:
-                sampler = "p0"
-            else:
-                sampler = (
-                    "policy"
-                    if model.policy is not None
-                    else "twisted_smc"
-                    if model.twist is not None
-                    else "p0"
-                )
-        if sampler == "policy" and model.policy is None:
-            raise ConfigError("evaluator.sampler=policy, but the model has no policy; use auto")
-        if sampler == "twisted_smc" and model.twist is None:
-            raise ConfigError("evaluator.sampler=twisted_smc, but the model has no twist; use auto")
-        self.sampler = sampler
-        self.model, self.tokenizer, self.task = model, tokenizer, task
-        self.n_particles = int(smc.n_particles)
-        self.resampling, self.ess_threshold = str(smc.resampling), float(smc.ess_threshold)
 
     def texts(self, prompt: Any, generator: Any = None) -> list[str]:
         """The n sample texts of one test prompt: the prompt, then Z without its stop."""
-        import torch
-
-        from smclm.smc.sampler import no_potential, run_smc
-
-        task = self.task.for_prompt(prompt)
-        if self.sampler == "twisted_smc":
-            res = run_smc(
-                self.model, task.prompt_ids, task.output_len, task.bind(), self.n_particles,
-                resampling=self.resampling, ess_threshold=self.ess_threshold, generator=generator,
-            )  # fmt: skip
-            idx = torch.multinomial(
-                res.normalized_weights, self.n, replacement=True, generator=generator
-            )
-        else:
-            proposal = self.model.with_twist(None, keep_policy=self.sampler == "policy")
-            res = run_smc(
-                proposal, task.prompt_ids, task.output_len, no_potential, self.n,
-                ess_threshold=0.0, generator=generator, temperature=self.temperature,
-                stopping=task.stopping,
-            )  # fmt: skip
-            idx = torch.arange(self.n)
-        rows, lengths = res.tokens.tolist(), res.lengths.tolist()
+        task, zs = self.samples.draw(prompt, generator)
         head = task.prompt_ids.tolist()
-        out = []
-        for i in idx.tolist():
-            z = rows[i][: lengths[i]]
-            if z and z[-1] in task.stop_ids:
-                z = z[:-1]
-            out.append(self.tokenizer.decode(head + z, skip_special_tokens=True))
-        return out
+        tok = self.samples.tokenizer
+        return [tok.decode(head + z, skip_special_tokens=True) for z in zs]
 
     def __call__(self, step: int, generator: Any = None) -> dict[str, Any]:
-        samples = [self.texts(p, generator) for p in self.prompts]
-        out: dict[str, Any] = dict(accuracy_by_operands(self.rows, samples, self.missing))
-        out["arith/sampler"] = self.sampler
-        out["arith/n_samples"] = self.n
+        samples = [self.texts(p, generator) for p in self.samples.prompts]
+        out: dict[str, Any] = dict(accuracy_by_operands(self.samples.rows, samples, self.missing))
+        out.update(self.samples.info("arith"))
         out["arith/example"] = samples[0][0] if samples and samples[0] else ""
         return out

@@ -37,7 +37,7 @@ labelled training rows' z (``task.z_template`` with ``{z}``, default " {z}", the
 the task's demonstrations: ``method=gfn method.buffer.seed_with_task=true`` seeds the replay
 buffer with them. The paper's reward-temperature schedule is GFlowNet's ``method.tau_r_*``
 (with ``method.allow_tempered_target=true``). Not here yet (issue 24): the calculator in the
-sampler and the BLEU / GLEU evaluators.
+sampler. Evaluators of the test rows: :mod:`smclm.evaluators.latent`.
 """
 
 from __future__ import annotations
@@ -118,6 +118,8 @@ class LatentPotential:
         self.base, self.prompt_ids, self.rows = base, prompt_ids, rows
         self.test_rows = test_rows  # the test split's rows, in test_prompts' order (evaluators)
         self.label_penalty = label_penalty  # added to log R when p₀ prefers another label
+        self.labels: list[str] | None = None  # task.labels, and their answer texts' ids
+        self.label_ids: dict[str, Tensor] = {}
         self.demos: list[tuple[Tensor, list[int]]] = []  # (prompt ids, z ids) of labelled rows
         self.tau, self.bias, self.score_stop = float(tau), bias, bool(score_stop)
         self.batch_size = int(batch_size)
@@ -150,7 +152,7 @@ class LatentPotential:
             self.test_rows,
             self.label_penalty,
         )
-        bound.demos = self.demos
+        bound.demos, bound.labels, bound.label_ids = self.demos, self.labels, self.label_ids
         return bound
 
     def _log_probs(
@@ -370,6 +372,9 @@ def latent_task(
         label_penalty=None if label_list is None else float(label_penalty),
     )
     potential.demos = [(ids, z + [stop_ids[0]]) for ids, z in demos]
+    if label_list is not None:  # evaluator=label_vote scores each label's answer text
+        potential.labels = label_list
+        potential.label_ids = {v: answer_ids(v) for v in label_list}
     return Task(
         name,
         prompt_ids,
