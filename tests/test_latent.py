@@ -59,8 +59,9 @@ def encode(world, text):
     return world.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def direct_log_phi(world, z, x, y, tau=1.0, reward_prompt="", bias=None):
-    """log φ(z) = (1/τ)·log R − log p̃₀(z | x) from the HF model's own logits."""
+def direct_log_phi(world, z, x, y, tau=1.0, reward_prompt="", bias=None, policy_x=None):
+    """log φ(z) = (1/τ)·log R − log p̃₀(z | policy prompt) from the HF model's own logits (the
+    policy prompt is x unless ``policy_x`` is given)."""
     lm = world.model.base
     b = torch.zeros(lm.config.vocab_size) if bias is None else bias
 
@@ -78,7 +79,7 @@ def direct_log_phi(world, z, x, y, tau=1.0, reward_prompt="", bias=None):
     ctx = encode(world, reward_prompt + x) if reward_prompt else encode(world, x)
     ans = encode(world, y)
     lr = log_probs(ctx, zs + ans, [True] * len(zs) + [False] * len(ans))
-    lp = log_probs(encode(world, x), z, [True] * len(z))
+    lp = log_probs(encode(world, x if policy_x is None else policy_x), z, [True] * len(z))
     return sum(lr) / tau - sum(lp)
 
 
@@ -355,3 +356,49 @@ def test_the_label_vote_follows_p0s_preference_after_each_sample(rows_file):
         seen.add(want)
         assert ev.predict(world.task, z) == want
     assert len(seen) >= 2  # the check can tell labels apart
+
+
+def test_k_shot_prompting_puts_worked_rows_before_the_prompt_and_keeps_the_target(rows_file):
+    """task.k_shot=1: the policy prompt is row 0 worked ("the cat" " sat on" "bad", a line),
+    then x; the reward's context is x alone, so log φ = log R − log p̃₀(z | k-shot prompt)."""
+    world = world_for(
+        rows_file, "task.k_shot=1", "task.prompt_index=1", "task.answer_template=' {y}'"
+    )
+    assert world.task.prompt_ids.tolist() == encode(world, "the cat sat on bad the dog")
+    z = [5, 2, EOS]
+    want = direct_log_phi(world, z, "the dog", "mat ran", policy_x="the cat sat on bad the dog")
+    assert abs(float(world.task.log_phi(torch.tensor([z]))[0]) - want) < 1e-4
+    with pytest.raises(ConfigError, match="task.k_shot=2: the training rows hold only 1 with a z"):
+        world_for(rows_file, "task.k_shot=2")
+
+
+@pytest.mark.parametrize("lr", [3e-3, 0.0])
+def test_sft_raises_the_policys_likelihood_of_the_demonstrations(rows_file, lr):
+    """method=sft: 30 updates on row 0's z raise the policy's log q(z | x) by more than 1 nat
+    (seen, seed 0: -8.71 -> -0.001); at lr 0 it does not move."""
+    world = world_for(rows_file, "method=sft")
+    model, task, method = world.model, world.task, world.learner
+    z = torch.tensor([[3, 4, EOS]])
+
+    def log_q():  # steps 1-2: the masked proposal is q itself there (the stop is forced at T)
+        with torch.no_grad():
+            _, lq = model.policy_full(task.prompt_ids, z)
+        return float(lq.gather(-1, z[..., None])[0, :2].sum())
+
+    before = log_q()
+    params = [p for p in model.trainables().parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr) if lr > 0 else None
+    batch = TrainContext(model, task, 8, torch.Generator().manual_seed(0))
+    for _ in range(30):
+        loss, metrics = method.loss(batch)
+        if opt is not None:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    after = log_q()
+    print(f"sft lr {lr}: log q(z|x) {before:.3f} -> {after:.3f}")
+    if lr > 0:
+        assert after - before > 1.0
+    else:
+        assert after == pytest.approx(before)
+    assert metrics["sft/prompts"] == 1.0  # only row 0 has a z

@@ -1,5 +1,6 @@
 """Learners, one file each: the twist learners ``ctl``, ``rl``, ``sixo``, ``fudge``, ``dpg``
-(paper §4) and the policy learners ``ppo`` and ``gfn`` (baselines-spec), which own their update.
+(paper §4) and the policy learners ``ppo`` and ``gfn`` (baselines-spec), which own their update,
+and ``sft`` (supervised fine-tuning of a policy on the task's demonstrations).
 
 A learner is named by the ``_target_`` of its method config (``configs/method/<name>.yaml``),
 built-in or in the user's own package; ``METHODS`` maps the built-in names to the same targets,
@@ -30,6 +31,7 @@ METHODS: dict[str, str] = {  # name -> _target_ (as in configs/method/<name>.yam
     "sixo": "smclm.methods.sixo.SIXO",
     "ppo": "smclm.methods.ppo.PPO",  # imported on first use
     "gfn": "smclm.methods.gfn.GFN",
+    "sft": "smclm.methods.sft.SFT",
 }
 
 __all__ = [

@@ -31,6 +31,10 @@ The sampler's target is σ̃(Z) = p̃₀(Z | X)·φ(Z), so the potential is
 (:class:`LatentPotential`): one teacher-forced pass over [X, Z', Y] when C is empty (the stop's
 probability is read at the position where Y starts), two passes otherwise.
 
+``task.k_shot`` = k > 0 puts the first k labelled training rows, worked (x, z, y in the templates,
+one a line), before every policy prompt: k-shot prompting, whose baseline is ``smclm eval`` with
+``evaluator.sampler=p0``; the reward's context stays C, X, so σ does not change.
+
 ``task.prompt_index=all`` (split train) trains on every training row, one drawn per update
 (:meth:`smclm.tasks.base.Task.for_prompt` rebinds the potential to that row's answer). The
 labelled training rows' z (``task.z_template`` with ``{z}``, default " {z}", then the stop) are
@@ -235,6 +239,7 @@ def latent_task(
     prompt_template: str = "{x}",
     answer_template: str = "{y}",
     z_template: str = " {z}",
+    k_shot: int = 0,
     reward_prompt: str = "",
     stop: Any = "eos",
     min_len: int = 1,
@@ -290,6 +295,21 @@ def latent_task(
                 f"task.prompt_index={prompt_index} is outside the {len(chosen)} {split} rows; "
                 f"pick 0..{len(chosen) - 1}, or all (training on every training row)"
             )
+    if isinstance(k_shot, bool) or not isinstance(k_shot, int) or k_shot < 0:
+        raise ConfigError(f"task.k_shot={k_shot!r}: a number of demonstrations, 0 or more")
+    labelled = [r for r in train_rows if r.get("z") is not None]
+    if k_shot > len(labelled):
+        raise ConfigError(
+            f"task.k_shot={k_shot}: the training rows hold only {len(labelled)} with a z"
+        )
+    # k-shot prompting: the first k labelled rows, worked, before the policy's prompt
+    shots = "".join(
+        prompt_template.format(x=r["x"])
+        + z_template.format(z=r["z"])
+        + answer_template.format(y=r["y"])
+        + "\n"
+        for r in labelled[:k_shot]
+    )
     tok = env.tokenizer
     if stop == "eos":
         if getattr(tok, "eos_token_id", None) is None:
@@ -321,8 +341,8 @@ def latent_task(
                     f"task.prompt_template / answer_template: unknown field {e}; use {{x}} and {{y}}"
                 ) from None
             try:
-                ids = encode_prompt(tok, x_text, bos=True)
-                ctx = encode_prompt(tok, reward_prompt + x_text, bos=True) if reward_prompt else ids
+                ids = encode_prompt(tok, shots + x_text, bos=True)
+                ctx = encode_prompt(tok, reward_prompt + x_text, bos=True)
             except ConfigError as e:
                 raise ConfigError(
                     f"{where} row {j + 1}: the prompt (task.prompt_template with x"
