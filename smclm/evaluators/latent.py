@@ -66,11 +66,10 @@ class LatentSamples:
         sampler = str(ev.get("sampler", "auto"))
         if sampler not in SAMPLERS:
             raise ConfigError(f"evaluator.sampler={sampler} must be one of {', '.join(SAMPLERS)}")
-        if sampler == "auto":
-            if untrained or (model.policy is None and model.twist is None):
-                sampler = "p0"
-            else:
-                sampler = "policy" if model.policy is not None else "twisted_smc"
+        if sampler == "auto":  # smclm eval without run=: the configured twist is untrained
+            from smclm.evaluators.sentences import run_sampler
+
+            sampler = "p0" if untrained else run_sampler(model)
         if sampler == "policy" and model.policy is None:
             raise ConfigError("evaluator.sampler=policy, but the model has no policy; use auto")
         if sampler == "twisted_smc" and model.twist is None:

@@ -218,3 +218,28 @@ def resolve_stop_ids(tokenizer: Any, stop: Any, vocab_size: int) -> tuple[int, .
             )
         ids.append(int(enc[0]))
     return tuple(dict.fromkeys(ids))
+
+
+def choose_prompt(n: int, split: str, prompt_index: Any, what: str = "prompts") -> int | None:
+    """``task.prompt_index`` of a task with train/test prompts (next_sentence, latent): the index
+    into the ``n`` ``what`` of ``split``, or None for ``all`` (train on every training one, one
+    drawn per update); one line for a bad value."""
+    if split not in ("train", "test"):
+        raise ConfigError(f"task.split={split} must be train or test")
+    if str(prompt_index) == "all":
+        if split != "train":
+            raise ConfigError(
+                f"task.prompt_index=all trains on every training one of the {what}; it needs "
+                "task.split=train"
+            )
+        return None
+    try:
+        index = int(prompt_index)
+    except (TypeError, ValueError):
+        index = -1
+    if not 0 <= index < n:
+        raise ConfigError(
+            f"task.prompt_index={prompt_index} is outside the {n} {split} {what}; pick "
+            f"0..{n - 1}, or all (training on every training one)"
+        )
+    return index

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from smclm.errors import ConfigError
-from smclm.tasks.base import Task, resolve_stop_ids
+from smclm.tasks.base import Task, choose_prompt, resolve_stop_ids
 from smclm.tasks.plugin import TaskEnv
 
 BUILTIN = ("arithmetic",)
@@ -259,8 +259,6 @@ def latent_task(
 
     if cond_len:
         raise ConfigError(f"task.cond_len={cond_len}: task=latent conditions through its prompt")
-    if split not in ("train", "test"):
-        raise ConfigError(f"task.split={split} must be train or test")
     tau = float(tau)
     if not (tau > 0 and math.isfinite(tau)):
         raise ConfigError(f"task.tau={tau} must be a positive number (1: the untempered target)")
@@ -279,22 +277,8 @@ def latent_task(
     if not train_rows:
         raise ConfigError(f"task.data={data} has no rows; give a JSONL file of (x, y) rows")
     chosen = train_rows if split == "train" else test_rows
-    every = str(prompt_index) == "all"
-    if every and split != "train":
-        raise ConfigError(
-            "task.prompt_index=all trains on every training row; it needs task.split=train"
-        )
-    index = 0
-    if not every:
-        try:
-            index = int(prompt_index)
-        except (TypeError, ValueError):
-            index = -1
-        if not 0 <= index < len(chosen):
-            raise ConfigError(
-                f"task.prompt_index={prompt_index} is outside the {len(chosen)} {split} rows; "
-                f"pick 0..{len(chosen) - 1}, or all (training on every training row)"
-            )
+    picked = choose_prompt(len(chosen), split, prompt_index, "rows")
+    every, index = picked is None, picked or 0
     if isinstance(k_shot, bool) or not isinstance(k_shot, int) or k_shot < 0:
         raise ConfigError(f"task.k_shot={k_shot!r}: a number of demonstrations, 0 or more")
     labelled = [r for r in train_rows if r.get("z") is not None]

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from smclm.errors import ConfigError
-from smclm.tasks.base import Task, resolve_stop_ids
+from smclm.tasks.base import Task, choose_prompt, resolve_stop_ids
 from smclm.tasks.plugin import TaskEnv
 
 # The defaults of configs/task/next_sentence.yaml (the paper's illegal_tokens, as strings).
@@ -238,21 +238,8 @@ def next_sentence_task(
         raise ConfigError(f"task.tau={tau} must be a positive number (1: the untempered target)")
     train, test = load_prompts(prompts, n_train, n_test)
     chosen = train if split == "train" else test
-    every = str(prompt_index) == "all"
-    if every and split != "train":
-        raise ConfigError(
-            "task.prompt_index=all trains on every training prompt; it needs task.split=train"
-        )
-    if not every:
-        try:
-            index = int(prompt_index)
-        except (TypeError, ValueError):
-            index = -1
-        if not 0 <= index < len(chosen):
-            raise ConfigError(
-                f"task.prompt_index={prompt_index} is outside the {len(chosen)} {split} "
-                f"prompts; pick 0..{len(chosen) - 1}, or all (training on every train prompt)"
-            )
+    picked = choose_prompt(len(chosen), split, prompt_index)
+    every, index = picked is None, picked or 0
     encoded = {
         key: tuple(encode_prompt(env.tokenizer, text, bos=True) for text in texts)
         for key, texts in (("train", train), ("test", test))
