@@ -28,8 +28,6 @@ from torch import Tensor
 
 from smclm.errors import ConfigError
 
-SAMPLERS = ("auto", "policy", "twisted_smc", "p0")
-
 
 class LatentSamples:
     """The shared sampling of the latent evaluators (module docstring)."""
@@ -63,18 +61,9 @@ class LatentSamples:
                 f"evaluator.n_samples={self.n} and evaluator.temperature={self.temperature} "
                 "must be positive"
             )
-        sampler = str(ev.get("sampler", "auto"))
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"evaluator.sampler={sampler} must be one of {', '.join(SAMPLERS)}")
-        if sampler == "auto":  # smclm eval without run=: the configured twist is untrained
-            from smclm.evaluators.sentences import run_sampler
+        from smclm.evaluators.sentences import resolve_sampler
 
-            sampler = "p0" if untrained else run_sampler(model)
-        if sampler == "policy" and model.policy is None:
-            raise ConfigError("evaluator.sampler=policy, but the model has no policy; use auto")
-        if sampler == "twisted_smc" and model.twist is None:
-            raise ConfigError("evaluator.sampler=twisted_smc, but the model has no twist; use auto")
-        self.sampler = sampler
+        self.sampler = resolve_sampler(str(ev.get("sampler", "auto")), model, untrained)
         self.model, self.tokenizer, self.task = model, tokenizer, task
         self.n_particles = int(smc.n_particles)
         self.resampling, self.ess_threshold = str(smc.resampling), float(smc.ess_threshold)

@@ -400,6 +400,22 @@ def run_sampler(model: Any) -> str:
     return "twisted_smc" if model.twist is not None else "p0"
 
 
+def resolve_sampler(sampler: str, model: Any, untrained: bool) -> str:
+    """``evaluator.sampler`` checked against the model; ``auto``: :func:`run_sampler`, or p₀
+    for ``smclm eval`` without ``run=`` (``untrained``: the configured twist is untrained)."""
+    from smclm.errors import ConfigError
+
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"evaluator.sampler={sampler} must be one of {', '.join(SAMPLERS)}")
+    if sampler == "auto":
+        sampler = "p0" if untrained else run_sampler(model)
+    if sampler == "policy" and model.policy is None:
+        raise ConfigError("evaluator.sampler=policy, but the model has no policy; use auto")
+    if sampler == "twisted_smc" and model.twist is None:
+        raise ConfigError("evaluator.sampler=twisted_smc, but the model has no twist; use auto")
+    return sampler
+
+
 def draw_sentences(
     model: Any,
     task: Any,
@@ -477,16 +493,7 @@ class SentenceEvaluator:
                 f"pick from {', '.join(BASELINES)}"
             )
         self.baselines = baselines
-        sampler = str(ev.get("sampler", "auto"))
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"evaluator.sampler={sampler} must be one of {', '.join(SAMPLERS)}")
-        if sampler == "auto":  # smclm eval without run=: the configured twist is untrained
-            sampler = "p0" if untrained else run_sampler(model)
-        if sampler == "policy" and model.policy is None:
-            raise ConfigError("evaluator.sampler=policy, but the model has no policy; use auto")
-        if sampler == "twisted_smc" and model.twist is None:
-            raise ConfigError("evaluator.sampler=twisted_smc, but the model has no twist; use auto")
-        self.sampler = sampler
+        self.sampler = resolve_sampler(str(ev.get("sampler", "auto")), model, untrained)
         self.embedder_kind = str(ev.get("embedder", "auto"))
         if self.embedder_kind not in EMBEDDERS:
             raise ConfigError(
