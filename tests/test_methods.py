@@ -57,9 +57,9 @@ class TrainableTable(TabularTwist):
 
 
 def test_registry_names_and_unknown():
-    assert sorted(METHODS) == sorted([*ALL, "gfn", "ppo"])
+    assert sorted(METHODS) == sorted([*ALL, "gfn", "ppo", "sft"])
     with pytest.raises(
-        ValueError, match="unknown method 'x'; choose one of: ctl, dpg, fudge, gfn, ppo, rl, sixo"
+        ValueError, match="unknown method 'x'; choose one of: ctl, dpg, fudge, gfn, ppo, rl, sft, sixo"
     ):
         build_method("x")
     with pytest.raises(ValueError, match="does not take option"):
