@@ -59,7 +59,8 @@ class TrainableTable(TabularTwist):
 def test_registry_names_and_unknown():
     assert sorted(METHODS) == sorted([*ALL, "gfn", "ppo", "sft"])
     with pytest.raises(
-        ValueError, match="unknown method 'x'; choose one of: ctl, dpg, fudge, gfn, ppo, rl, sft, sixo"
+        ValueError,
+        match="unknown method 'x'; choose one of: ctl, dpg, fudge, gfn, ppo, rl, sft, sixo",
     ):
         build_method("x")
     with pytest.raises(ValueError, match="does not take option"):
