@@ -190,3 +190,21 @@ def save_tiny_gpt2_with(tok, path) -> str:
     GPT2LMHeadModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def run_updates(method, batch, lr: float, updates: int) -> None:
+    """``updates`` training updates of a learner in process, as the trainer runs them: a learner
+    that owns its update (PPO, GFlowNet) gets ``setup`` then ``update``; the others Adam on the
+    model's trainable parameters with their ``loss``."""
+    if hasattr(method, "update"):
+        method.setup(batch, lr)
+        for _ in range(updates):
+            method.update(batch)
+        return
+    params = [p for p in batch.model.trainables().parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(updates):
+        loss, _ = method.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()

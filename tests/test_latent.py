@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_smclm
+from conftest import run_smclm, run_updates
 from hydra import compose, initialize_config_module
 
 from smclm.build import build_world
@@ -160,19 +160,7 @@ def test_ctl_and_gfn_halve_the_exact_kl_on_a_latent_toy_world(rows_file, name, u
     sol = solve(model, task)
     batch = TrainContext(model, task, 32, torch.Generator().manual_seed(0))
     kl0 = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
-    lr = 3e-3
-    if hasattr(method, "update"):  # GFlowNet owns its update
-        method.setup(batch, lr)
-        for _ in range(updates):
-            method.update(batch)
-    else:
-        params = [p for p in model.trainables().parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=lr)
-        for _ in range(updates):
-            loss, _ = method.loss(batch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    run_updates(method, batch, 3e-3, updates)
     kl1 = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
     print(f"{name}: KL(sigma||q) {kl0:.3f} -> {kl1:.3f}")
     assert kl0 > 1.0 and kl1 <= 0.5 * kl0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_updates
 from hydra import compose, initialize_config_module
 
 from smclm.build import build_world
@@ -73,18 +74,7 @@ def test_learner_lowers_the_exact_kl_with_stopping(name):
     k, lr, updates = int(cfg.smc.n_particles), float(cfg.optimizer.lr), int(cfg.train.updates)
     batch = TrainContext(model, task, k, torch.Generator().manual_seed(int(cfg.seed)))
     kl0 = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
-    if hasattr(method, "update"):  # PPO owns its update
-        method.setup(batch, lr)
-        for _ in range(updates):
-            method.update(batch)
-    else:
-        params = [p for p in model.trainables().parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=lr)
-        for _ in range(updates):
-            loss, _ = method.loss(batch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    run_updates(method, batch, lr, updates)  # PPO owns its update
     kl1 = exact_metrics(model, task, sol)["kl/sigma_q_exact"]
     print(f"{name}: KL(sigma||q) {kl0:.3f} -> {kl1:.3f} (ratio {kl1 / kl0:.3f})")
     assert kl1 <= RATIO[name] * kl0, (kl0, kl1)
