@@ -164,13 +164,8 @@ class LabelVoteEvaluator:
 
     def predict(self, task: Any, z: list[int]) -> str:
         """The label whose answer text p₀ scores highest after [C, X, z] (first on ties)."""
-        pot = task.potential
-        ctx = pot.row.context.to(self.samples.model.device)
-        zs = torch.tensor([z], dtype=torch.long, device=ctx.device)
-        scores = []
-        for ans in self.answers:
-            seq = torch.cat([zs, ans.to(ctx.device)[None]], dim=1)
-            scores.append(float(pot._log_probs(ctx, seq)[1][0, len(z) :].sum()))
+        zs = torch.tensor([z], dtype=torch.long, device=self.samples.model.device)
+        scores = task.potential.answer_log_probs(zs, self.answers)[0].tolist()
         return self.labels[max(range(len(scores)), key=lambda i: (scores[i], -i))]
 
     @torch.no_grad()

@@ -242,3 +242,22 @@ def require_twist(method: str, model: TwistedLM) -> None:
     """Every learner trains a twist; refuse a model without one (twist=none)."""
     if model.twist is None:
         raise ConfigError(f"{method} trains a twist, but the model has none; set twist=mlp|linear")
+
+
+def task_demonstrations(task: Task, who: str) -> list[tuple[Tensor, Tensor]]:
+    """The task's demonstrations (task=latent: the labelled training rows' z), grouped by prompt:
+    (prompt ids, finished sequences [n, T] padded after their stop); one line naming ``who``
+    (the setting that asked) when the task has none, or none that fits in T."""
+    seeds = getattr(task.potential, "seed_sequences", None)
+    if seeds is None or task.stopping is None:
+        raise ConfigError(
+            f"{who}: task '{task.name}' has no demonstrations (use task=latent with rows that "
+            "have z)"
+        )
+    groups = seeds(task.output_len, task.stopping.pad_id)
+    if not groups:
+        raise ConfigError(
+            f"{who}: no row of task '{task.name}' has a z that fits in "
+            f"task.output_len={task.output_len} tokens with its stop"
+        )
+    return groups

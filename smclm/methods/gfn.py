@@ -128,7 +128,7 @@ import torch
 from torch import Tensor, nn
 
 from smclm.errors import ConfigError, UserError
-from smclm.methods.base import TrainContext
+from smclm.methods.base import TrainContext, task_demonstrations
 from smclm.methods.replay import Key, ReplayBuffer
 from smclm.models.twisted_lm import TwistedLM
 from smclm.smc.sampler import Stopping, stopped_sequence_log_probs
@@ -569,24 +569,13 @@ class GFN:
         seeded with the labelled rationales)."""
         from dataclasses import replace
 
-        task = batch.task
-        seeds = getattr(task.potential, "seed_sequences", None)
         if self.buffer is None:
             raise ConfigError(
                 "method.buffer.seed_with_task=true needs the replay buffer; set "
                 "method.buffer.enabled=true"
             )
-        if seeds is None or task.stopping is None:
-            raise ConfigError(
-                f"method.buffer.seed_with_task=true: task '{task.name}' has no demonstrations "
-                "to seed with (task=latent rows with z)"
-            )
-        by_prompt = seeds(task.output_len, task.stopping.pad_id)
-        if not by_prompt:
-            raise ConfigError(
-                f"method.buffer.seed_with_task=true: no row of task '{task.name}' has a z that "
-                f"fits in task.output_len={task.output_len} tokens with its stop"
-            )
+        task = batch.task
+        by_prompt = task_demonstrations(task, "method.buffer.seed_with_task=true")
         for prompt_ids, tokens in by_prompt:
             t = task.for_prompt(prompt_ids)
             sub = replace(batch, task=t)

@@ -22,7 +22,12 @@ import torch
 from torch import Tensor
 
 from smclm.errors import ConfigError
-from smclm.methods.base import TrainContext
+from smclm.methods.base import (
+    TrainContext,
+    live_positions,
+    proposal_log_softmax,
+    task_demonstrations,
+)
 
 
 class SFT:
@@ -40,27 +45,13 @@ class SFT:
         self._demos: list[tuple[Tensor, Tensor]] | None = None
 
     def demos(self, task: Any) -> list[tuple[Tensor, Tensor]]:
-        """(prompt ids, one padded finished sequence [T]) per demonstration; refused in one line
-        when the task has none that fit."""
+        """(prompt ids, one padded finished sequence [T]) per demonstration (read once)."""
         if self._demos is None:
-            seeds = getattr(task.potential, "seed_sequences", None)
-            if seeds is None or task.stopping is None:
-                raise ConfigError(
-                    f"method=sft trains on the task's demonstrations; task '{task.name}' has "
-                    "none (use task=latent with rows that have z)"
-                )
-            groups = seeds(task.output_len, task.stopping.pad_id)
+            groups = task_demonstrations(task, "method=sft")
             self._demos = [(p, row) for p, rows in groups for row in rows]
-            if not self._demos:
-                raise ConfigError(
-                    f"method=sft: no labelled row of task '{task.name}' has a z that fits in "
-                    f"task.output_len={task.output_len} tokens with its stop"
-                )
         return self._demos
 
     def loss(self, batch: TrainContext) -> tuple[Tensor, dict[str, float]]:
-        from smclm.methods.gfn import step_log_norm
-
         model, task = batch.model, batch.task
         if model.policy is None:
             raise ConfigError("method=sft trains a policy; set method.policy=mlp_head|full|lora")
@@ -73,19 +64,17 @@ class SFT:
             prompt, row = demos[i]
             key = tuple(int(t) for t in prompt.tolist())
             by_prompt.setdefault(key, (prompt, []))[1].append(row)
-        stopping = task.stopping
         total = torch.zeros((), device=model.device)
         n_tokens = 0
         for prompt, rows in by_prompt.values():
             tokens = torch.stack(rows).to(model.device)
             _, log_q_all = model.policy_full(prompt.to(model.device), tokens)
-            log_q_tok = log_q_all.gather(-1, tokens[..., None]).squeeze(-1)
-            lengths = stopping.lengths(tokens)
-            norm = step_log_norm(log_q_all, stopping, task.output_len)
-            pos = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)[None]
-            live = pos <= lengths[:, None]
-            total = total + torch.where(live, log_q_tok - norm, 0.0).sum()
-            n_tokens += int(lengths.sum())
+            # the sampler's masked proposal, over each row's steps up to its stop
+            log_q = proposal_log_softmax(task, log_q_all).gather(-1, tokens[..., None])
+            live = live_positions(task, tokens)
+            assert live is not None  # demonstrations exist only on stopping tasks
+            total = total + torch.where(live, log_q.squeeze(-1), 0.0).sum()
+            n_tokens += int(live.sum())
         loss = -total / max(1, n_tokens)
         metrics = {
             "train/loss": float(loss.detach()),

@@ -160,11 +160,12 @@ class LatentPotential:
         return bound
 
     def _log_probs(
-        self, context: Tensor, seq: Tensor, extra: tuple[int, Tensor] | None = None
+        self, context: Tensor, seq: Tensor, raw_from: int, extra: tuple[int, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """One teacher-forced pass over [context, seq]: log p̃₀ (biased logits) [N, L] and raw
-        (unbiased) log p₀ [N, L] of the tokens ``seq`` [N, L] after ``context`` [P]; with
-        ``extra`` = (j, tokens [N]) also log p̃₀ of those tokens in place of seq[:, j]."""
+        """One teacher-forced pass over [context, seq]: log p̃₀ (biased logits) [N, L] of the
+        tokens ``seq`` [N, L] after ``context`` [P], the raw (unbiased) log p₀ [N, L − raw_from]
+        of seq[:, raw_from:] (the answer's tokens; L = raw_from: none), and with ``extra`` =
+        (j, tokens [N]) log p̃₀ of those tokens in place of seq[:, j]."""
         from smclm.models.twisted_lm import output_logits
 
         p = context.numel()
@@ -179,22 +180,27 @@ class LatentPotential:
             j, tokens = extra
             other = log_sm[:, j].gather(-1, tokens[:, None]).squeeze(-1)
         if self.bias is None:
-            return biased, biased, other
-        raw_logits = logits - self.bias.to(logits.device)
-        raw = raw_logits.log_softmax(-1).gather(-1, seq[..., None]).squeeze(-1)
+            return biased, biased[:, raw_from:], other
+        tail = seq[:, raw_from:]
+        raw_logits = logits[:, raw_from:] - self.bias.to(logits.device)
+        raw = raw_logits.log_softmax(-1).gather(-1, tail[..., None]).squeeze(-1)
         return biased, raw, other
 
-    def _prefers_another(self, ctx: Tensor, zs: Tensor, true_raw: Tensor) -> Tensor:
+    def answer_log_probs(self, zs: Tensor, answers: list[Tensor]) -> Tensor:
+        """Raw log p₀ of each answer text (ids [L_a]) after [C, X, Z′] for rationales zs
+        [N, k] (without their stop): [N, len(answers)], one pass per answer."""
+        ctx = self.row.context.to(zs.device)
+        out = []
+        for ans in answers:
+            seq = torch.cat([zs, ans.to(zs.device)[None].expand(zs.shape[0], -1)], dim=1)
+            out.append(self._log_probs(ctx, seq, zs.shape[1])[1].sum(1))
+        return torch.stack(out, dim=1)
+
+    def _prefers_another(self, zs: Tensor, true_raw: Tensor) -> Tensor:
         """1.0 where p₀ scores another label's answer text above the row's own after
         [C, X, Z'] (the subjectivity reward's label check), else 0.0 [N]."""
-        true_score = true_raw.sum(1)
-        worse = torch.zeros_like(true_score)
-        for other in self.row.others:
-            other = other.to(zs.device)
-            seq = torch.cat([zs, other[None].expand(zs.shape[0], -1)], dim=1)
-            raw = self._log_probs(ctx, seq)[1][:, zs.shape[1] :].sum(1)
-            worse = torch.maximum(worse, (raw > true_score).float())
-        return worse
+        others = self.answer_log_probs(zs, list(self.row.others))
+        return (others > true_raw.sum(1)[:, None]).any(1).float()
 
     @torch.no_grad()
     def __call__(self, tokens: Tensor, cond: Tensor | None = None) -> Tensor:
@@ -210,14 +216,14 @@ class LatentPotential:
             seq = torch.cat([zs, y[None].expand(z.shape[0], -1)], dim=1)
             # Z's stop, read where Y starts (the same context and prefix: the same hidden state)
             extra = (k, z[:, -1]) if same_context and not self.score_stop else None
-            biased, raw, stop = self._log_probs(ctx, seq, extra)
-            log_r = biased[:, :k].sum(1) + raw[:, k:].sum(1)
+            biased, raw, stop = self._log_probs(ctx, seq, k, extra)
+            log_r = biased[:, :k].sum(1) + raw.sum(1)
             if self.label_penalty is not None and self.row.others:
-                log_r = log_r + self.label_penalty * self._prefers_another(ctx, zs, raw[:, k:])
+                log_r = log_r + self.label_penalty * self._prefers_another(zs, raw)
             if same_context:
                 log_p_z = biased[:, :k].sum(1) + (0.0 if stop is None else stop)
             else:  # the policy's context differs from the reward's: a second pass
-                log_p_z = self._log_probs(self.prompt_ids.to(dev), z)[0].sum(1)
+                log_p_z = self._log_probs(self.prompt_ids.to(dev), z, z.shape[1])[0].sum(1)
             out.append(log_r / self.tau - log_p_z)
         if not out:
             return tokens.new_zeros(0).float()
