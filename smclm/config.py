@@ -169,7 +169,13 @@ def validate(cfg: DictConfig) -> None:
     )
 
 
-EVALUATORS = ("auto", "none", "exact", "bounds", "sentences", "arithmetic", "overlap", "label_vote")
+# The evaluators of task=latent's test rows: name -> class (built by smclm.evaluate.Evaluator).
+LATENT_EVALUATORS = {
+    "arithmetic": "smclm.evaluators.arithmetic.ArithmeticEvaluator",
+    "overlap": "smclm.evaluators.latent.OverlapEvaluator",
+    "label_vote": "smclm.evaluators.latent.LabelVoteEvaluator",
+}
+EVALUATORS = ("auto", "none", "exact", "bounds", "sentences", *LATENT_EVALUATORS)
 
 # Every numeric (and boolean) key with a range: (key, kind, an example of a valid value). Keys a
 # config does not have are skipped; method-specific keys are checked by the methods' constructors.

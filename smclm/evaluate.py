@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from smclm.build import World, exact_pool, split_pool, world_for
+from smclm.config import LATENT_EVALUATORS
 from smclm.envinfo import write_env
 from smclm.evaluators.exact import ExactSolution, check_enumerable, exact_metrics, solve
 from smclm.tracking import write_json_atomic
@@ -24,13 +25,6 @@ def choose_evaluator(vocab_size: int, output_len: int, max_sequences: int) -> st
     """``evaluator=auto``: exact when the Vᵀ sequences (per o) number at most max_sequences,
     else bounds."""
     return "exact" if output_len * math.log10(vocab_size) <= math.log10(max_sequences) else "bounds"
-
-
-LATENT_EVALUATORS = {  # name: class (smclm/evaluators/latent.py)
-    "arithmetic": "smclm.evaluators.arithmetic.ArithmeticEvaluator",
-    "overlap": "smclm.evaluators.latent.OverlapEvaluator",
-    "label_vote": "smclm.evaluators.latent.LabelVoteEvaluator",
-}
 
 
 class Evaluator:
@@ -44,8 +38,10 @@ class Evaluator:
     back to ``cfg.evaluator.name``, so that the run's saved config records it.
 
     ``evaluator=sentences``: :class:`smclm.evaluators.sentences.SentenceEvaluator` on the
-    task's test prompts; ``untrained`` (``smclm eval`` without ``run=``): its ``sampler=auto``
-    samples p₀, not the configured (untrained) twist.
+    task's test prompts (``arithmetic``, ``overlap``, ``label_vote``: the evaluators of
+    ``smclm.config.LATENT_EVALUATORS`` on task=latent's test rows, called the same way);
+    ``untrained`` (``smclm eval`` without ``run=``): its ``sampler=auto`` samples p₀, not the
+    configured (untrained) twist.
     """
 
     def __init__(
@@ -57,14 +53,15 @@ class Evaluator:
     ) -> None:
         self.cfg, self.world, self.pool = cfg, world, pool
         self.name = cfg.evaluator.name
-        self.sentences = None
+        # an evaluator of the run's own samples on the task's test prompts (sentences, latent)
+        self.on_samples = None
         if self.name == "sentences":
             from smclm.config import check_ranges
             from smclm.evaluators.sentences import SentenceEvaluator
 
             check_ranges(cfg)  # evaluator.n_samples, n_prompts (also for library callers)
 
-            self.sentences = SentenceEvaluator(
+            self.on_samples = SentenceEvaluator(
                 cfg.evaluator,
                 world.model,
                 world.tokenizer,
@@ -73,12 +70,10 @@ class Evaluator:
                 seed=int(cfg.seed),
                 untrained=untrained,
             )
-        self.latent = None  # the evaluators of task=latent's test rows
-        if self.name in LATENT_EVALUATORS:
-            import importlib
+        if self.name in LATENT_EVALUATORS:  # the evaluators of task=latent's test rows
+            from hydra.utils import get_object
 
-            module, cls = LATENT_EVALUATORS[self.name].rsplit(".", 1)
-            self.latent = getattr(importlib.import_module(module), cls)(
+            self.on_samples = get_object(LATENT_EVALUATORS[self.name])(
                 cfg.evaluator, world.model, world.tokenizer, world.task, smc=cfg.smc,
                 untrained=untrained,
             )  # fmt: skip
@@ -132,16 +127,11 @@ class Evaluator:
     def __call__(self, step: int) -> dict[str, float | str]:
         if self.name == "none":
             return {}
-        if self.sentences is not None:
+        if self.on_samples is not None:
             gen = torch.Generator(device=self.world.device).manual_seed(
                 int(self.cfg.seed) * 1_000_003 + step
             )
-            return self.sentences(step, gen)
-        if self.latent is not None:
-            gen = torch.Generator(device=self.world.device).manual_seed(
-                int(self.cfg.seed) * 1_000_003 + step
-            )
-            return self.latent(step, gen)
+            return self.on_samples(step, gen)
         out: dict[str, float | str] = {}
         log_z_exact = None
         model, task = self.world.model, self.world.task

@@ -119,7 +119,7 @@ def test_the_sampler_is_the_runs_and_its_samples_end_at_a_stop(
 
     monkeypatch.setattr(sentences, "run_smc", spy)
     ev = Evaluator(cfg, world, None, untrained=untrained)
-    assert ev.sentences.sampler == expected
+    assert ev.on_samples.sampler == expected
     out = ev(step=0)
     assert out["sent/sampler"] == expected and len(calls) == 2  # one run per test prompt
     for policy, twist, k, kw in calls:
