@@ -219,6 +219,8 @@ def build_world(cfg: DictConfig) -> World:
     task = build_task(cfg.task, tokenizer, base, device)
     if task.logit_bias is not None:  # the task's p̃₀ ∝ exp(logits + b), for p₀ and the policy
         model.set_logit_bias(task.logit_bias)
+    if task.tool is not None:  # forced steps of p₀ and every proposal (task.calculator)
+        model.set_tool(task.tool)
     check_context(base, task, str(cfg.model.name))  # prompt + T (+ c) fit, before any sampling
     return World(model, tokenizer, task, device, learner)
 

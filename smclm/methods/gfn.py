@@ -262,7 +262,12 @@ UNTERMINABLE_LOG_R = -99.0  # log R of a prefix that may not stop (shorter than 
 
 
 def modified_subtb_loss(
-    log_r: Tensor, log_pterm: Tensor, log_pf: Tensor, lengths: Tensor, lam: float = 1.0
+    log_r: Tensor,
+    log_pterm: Tensor,
+    log_pf: Tensor,
+    lengths: Tensor,
+    lam: float = 1.0,
+    states: Tensor | None = None,
 ) -> Tensor:
     """Hu et al.'s modified SubTB (baselines-spec B2.2–B2.3), every prefix terminable.
 
@@ -277,11 +282,19 @@ def modified_subtb_loss(
     C = [0, cumsum δ]: L = Σ_n Σ_{0≤i<j≤ℓ_n−1} λ^(j−i−1) (C_j − C_i)² / Σ_n Σ_{i<j} λ^(j−i−1),
     normalised over the **whole batch** (long trajectories carry more pairs, as Hu's code); 0
     when no row has a pair (every ℓ = 1). Entries past a row's last state are ignored (they may
-    hold anything finite)."""
+    hold anything finite).
+
+    ``states`` [N, L] bool (a tool's forced steps, :mod:`smclm.models.twisted_lm`): which
+    prefixes are states; a prefix followed by a forced token is not (the tool's tokens come with
+    the action before them), so no pair starts or ends there. C_j − C_i telescopes to
+    log F_i + Σ log pf − log F_j, so the log F of a non-state never enters (it is set to 0), and
+    the forced transitions add their log pf = 0; λ counts positions, not states."""
     n, n_states = log_r.shape
     dev = log_r.device
     zero = torch.zeros((), device=dev)
     log_f = log_r - log_pterm
+    if states is not None:
+        log_f = torch.where(states, log_f, zero)
     delta = log_f[:, :-1] + log_pf - log_f[:, 1:]  # [N, L−1]
     ell = lengths.to(dev)[:, None]
     live = torch.arange(1, n_states, device=dev)[None] <= ell - 1  # transition into state i+1
@@ -290,6 +303,8 @@ def modified_subtb_loss(
     diff = c[:, None, :] - c[:, :, None]  # [N, i, j]
     weight, pos = _pair_weights(n_states, lam, dev)
     w = weight[None] * (pos[None, None, :] <= ell[:, :, None] - 1)
+    if states is not None:
+        w = w * (states[:, :, None] & states[:, None, :])
     total = w.sum()  # 0 when every row has ℓ = 1: then the numerator is 0 too (graph kept)
     return (w * diff.pow(2)).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
@@ -718,8 +733,9 @@ class GFN:
         log_q = log_q_tok.sum(1)
         if self.loss_kind == "modified_subtb":
             assert stopping is not None and lengths is not None  # setup checked
+            forced = model.forced_targets(tokens)  # a tool's forced steps (None: none)
             loss, log_f0 = self._modified_subtb(
-                task, tokens, lengths, cond, tau_r, log_p0_all, log_q_all, norm
+                task, tokens, lengths, cond, tau_r, log_p0_all, log_q_all, norm, forced
             )
             return loss, log_f0, log_q
         if self.log_z is None:  # batch_mean (VarGrad)
@@ -747,9 +763,11 @@ class GFN:
         log_p0_all: Tensor,
         log_q_all: Tensor,
         norm: Tensor,
+        forced: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Modified SubTB (+ the stop-choice term with several stops) of finished sequences;
-        returns (loss, log F_0 [N]). See the module docstring."""
+        returns (loss, log F_0 [N]). See the module docstring. ``forced`` [N, T]: the tool's
+        forced token at each step (−1: none); a prefix followed by one is not a state."""
         stopping = task.stopping
         assert stopping is not None
         t_len = tokens.shape[1]
@@ -761,6 +779,9 @@ class GFN:
             lp0_prefix = torch.cat([lp0_tok.new_zeros(tokens.shape[0], 1), lp0_tok.cumsum(1)], 1)
             state = torch.arange(t_len, device=dev)[None]  # i = 0..T−1
             valid = state <= (lengths[:, None] - 1)  # the row's states z_1:i, i < ℓ
+            states = None if forced is None else forced < 0  # z_i+1 is the policy's
+            if states is not None:
+                valid = valid & states
             terminable = (state + 1 >= stopping.min_len) & valid
             log_p0_stop = lp0_prefix[:, :t_len, None] + log_p0_all.index_select(-1, stops)
             log_phi = task.log_phi_from_log_p0(log_p0_stop)  # φ a power of p̃₀: no extra pass
@@ -780,7 +801,7 @@ class GFN:
         # that may not stop keeps the unmasked policy's (its flow parameter: see the docstring)
         log_pterm = torch.where(terminable, stop_all - norm, stop_all)
         log_pf = (log_q_all.gather(-1, idx).squeeze(-1) - norm)[:, :-1]
-        loss = modified_subtb_loss(log_r, log_pterm, log_pf, lengths, self.subtb_lambda)
+        loss = modified_subtb_loss(log_r, log_pterm, log_pf, lengths, self.subtb_lambda, states)
         if stops.numel() > 1:
             loss = loss + stop_choice_loss(log_q_stop, log_r_stop, terminable)
         return loss, (log_r - log_pterm)[:, 0]

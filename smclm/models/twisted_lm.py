@@ -12,6 +12,15 @@ modifier on p₀), else log_softmax(l). With a policy, ``StepDists.log_q`` carri
 the twist (if any) only defines the intermediate targets of SMC (ψ ≡ 1 when there is none).
 
 All log-probabilities are returned in float32, whatever the model dtype.
+
+A task's tool (``task.calculator``: :class:`smclm.tasks.calculator.CalculatorTool`, set by
+:meth:`TwistedLM.set_tool` like the logit bias) makes forced steps: after a trigger token the
+tool's tokens follow with a one-hot next-token distribution, for p₀ and every proposal (the
+policy's, the twisted one, which is one-hot because p₀ is). Their log p₀ and log q are 0, so
+they sit in the context without counting in log q or in p₀'s probability of the actions. The
+sampler needs no branch for it (it draws the one forced token); ``start``/``advance`` keep each
+particle's queue of forced tokens (:class:`ToolState`, reordered with the caches), and the
+teacher-forced passes rebuild it from the tokens (:meth:`TwistedLM.forced_targets`).
 """
 
 from __future__ import annotations
@@ -148,11 +157,46 @@ class StepDists:
 
 
 @dataclass
+class ToolState:
+    """Each particle's generated tokens so far [N, t] and its queue of forced tokens [N, Q]
+    (−1: empty), while sampling with a tool."""
+
+    history: Tensor
+    queue: Tensor
+
+    def front(self) -> Tensor:
+        """[N] the token each particle is forced to take next (−1: none)."""
+        if self.queue.shape[1] == 0:
+            return self.queue.new_full((self.queue.shape[0],), -1)
+        return self.queue[:, 0]
+
+
+@dataclass
 class SamplingContext:
     cache: Any
     twist_state: Any
     n: int
     policy_state: Any = None
+    tool_state: ToolState | None = None
+
+
+# the attribute of a causal LM that holds a task's tool (as LOGIT_BIAS: not a parameter)
+TOOL = "smclm_tool"
+
+
+def force(log_p: Any, targets: Tensor | None) -> Any:
+    """log_p [..., V] made one-hot (0 on the target, −inf elsewhere) where ``targets`` [...]
+    (long) is ≥ 0: the tool's forced steps. The same tensor when nothing is forced (or log_p is
+    None)."""
+    if targets is None or log_p is None:
+        return log_p
+    hit = targets >= 0
+    if not bool(hit.any()):
+        return log_p
+    one_hot = torch.full_like(log_p, -torch.inf).scatter(
+        -1, targets.clamp(min=0).unsqueeze(-1), 0.0
+    )
+    return torch.where(hit.unsqueeze(-1), one_hot, log_p)
 
 
 class TwistedLM(nn.Module):
@@ -195,6 +239,24 @@ class TwistedLM(nn.Module):
             if callable(get_head) and get_head() is not None and m is not self:
                 set_logit_bias(m, bias)
 
+    def set_tool(self, tool: Any) -> None:
+        """A task's tool (None: remove it), held by the base LM so that every view of it
+        (``with_twist``) forces the same steps."""
+        if tool is None:
+            self.base.__dict__.pop(TOOL, None)
+        else:
+            object.__setattr__(self.base, TOOL, tool)
+
+    @property
+    def tool(self) -> Any:
+        return self.base.__dict__.get(TOOL)
+
+    def forced_targets(self, tokens: Tensor) -> Tensor | None:
+        """[N, T] the token the tool forces at each step of tokens [N, T] (−1: a policy step);
+        None without a tool."""
+        tool = self.tool
+        return None if tool is None else tool.forced_targets(tokens)
+
     def log_p0_from_hidden(self, h: Tensor) -> Tensor:
         """log p₀ (float32) from the base body's hidden states [..., d]."""
         return F.log_softmax(output_logits(self.base, h), dim=-1)
@@ -233,7 +295,11 @@ class TwistedLM(nn.Module):
         if self.policy is not None:
             policy_state, logits = self.policy.begin(ids, h, n, cond)
             log_q = self.policy_log_q(log_p0, logits)
-        ctx = SamplingContext(cache, twist_state, n, policy_state)
+        tool_state = None
+        if self.tool is not None:  # the first step is never forced
+            empty = torch.zeros(n, 0, dtype=torch.long, device=ids.device)
+            tool_state = ToolState(empty, empty.clone())
+        ctx = SamplingContext(cache, twist_state, n, policy_state, tool_state)
         return ctx, StepDists(log_p0, log_psi, log_q)
 
     @torch.no_grad()
@@ -247,7 +313,33 @@ class TwistedLM(nn.Module):
             log_psi = self.twist.advance(ctx.twist_state, tokens, h)
         if self.policy is not None:
             log_q = self.policy_log_q(log_p0, self.policy.advance(ctx.policy_state, tokens, h))
+        if ctx.tool_state is not None:
+            targets = self._advance_tool(ctx.tool_state, tokens)
+            log_p0, log_q = force(log_p0, targets), force(log_q, targets)
         return StepDists(log_p0, log_psi, log_q)
+
+    def _advance_tool(self, st: ToolState, tokens: Tensor) -> Tensor | None:
+        """Record tokens [N] in the tool state and return the next forced token of each
+        particle [N] (−1: none; None when no particle is forced)."""
+        tool = self.tool
+        was_forced = st.front() >= 0
+        st.history = torch.cat([st.history, tokens[:, None]], dim=1)
+        if st.queue.shape[1]:
+            st.queue = st.queue[:, 1:]
+        trig = torch.isin(tokens, torch.tensor(tool.trigger_ids, device=tokens.device))
+        rows = (trig & ~was_forced).nonzero().squeeze(1).tolist()
+        t = st.history.shape[1]
+        for r in rows:
+            ins = tool.insertion(st.history[r].tolist())
+            if not tool.fits(t, len(ins)):
+                continue
+            if st.queue.shape[1] < len(ins):
+                pad = st.queue.new_full((st.queue.shape[0], len(ins) - st.queue.shape[1]), -1)
+                st.queue = torch.cat([st.queue, pad], dim=1)
+            st.queue[r, : len(ins)] = torch.tensor(ins, device=st.queue.device)
+        if st.queue.shape[1] and not bool((st.queue[:, 0] >= 0).any()):
+            st.queue = st.queue[:, :0]  # nothing queued: drop the empty columns
+        return st.front() if st.queue.shape[1] else None
 
     @torch.no_grad()
     def reorder(self, ctx: SamplingContext, ancestors: Tensor) -> None:
@@ -257,6 +349,9 @@ class TwistedLM(nn.Module):
             self.twist.reorder(ctx.twist_state, ancestors)
         if self.policy is not None:
             self.policy.reorder(ctx.policy_state, ancestors)
+        if ctx.tool_state is not None:
+            st = ctx.tool_state
+            st.history, st.queue = st.history[ancestors], st.queue[ancestors]
 
     # -- teacher-forced pass --------------------------------------------------------------------
     def base_pass(self, prompt_ids: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -275,12 +370,14 @@ class TwistedLM(nn.Module):
         """log p₀ [N, T, V] (no grad), log ψ [N, T, V] of the twist and log q [N, T, V] of the
         policy (with grad; None for what the model lacks), from ONE pass of the base."""
         ids, h, start = self.base_pass(prompt_ids, tokens)
+        targets = self.forced_targets(tokens)
         with torch.no_grad():
-            log_p0 = self.log_p0_from_hidden(h[:, start:])
+            log_p0 = force(self.log_p0_from_hidden(h[:, start:]), targets)
         log_psi = None if self.twist is None else self.twist.full(ids, h, start, cond)
         log_q = None
         if self.policy is not None:
             log_q = self.policy_log_q(log_p0, self.policy.full(ids, h, start, cond))
+            log_q = force(log_q, targets)
         return log_p0, log_psi, log_q
 
     def forward_full(
@@ -293,7 +390,7 @@ class TwistedLM(nn.Module):
         """
         ids, h, start = self.base_pass(prompt_ids, tokens)
         with torch.no_grad():
-            log_p0 = self.log_p0_from_hidden(h[:, start:])
+            log_p0 = force(self.log_p0_from_hidden(h[:, start:]), self.forced_targets(tokens))
         log_psi = None if self.twist is None else self.twist.full(ids, h, start, cond)
         return log_p0, log_psi
 
@@ -305,9 +402,11 @@ class TwistedLM(nn.Module):
         if self.policy is None:
             raise ValueError("policy_full needs a policy")
         ids, h, start = self.base_pass(prompt_ids, tokens)
+        targets = self.forced_targets(tokens)
         with torch.no_grad():
-            log_p0 = self.log_p0_from_hidden(h[:, start:])
-        return log_p0, self.policy_log_q(log_p0, self.policy.full(ids, h, start, cond))
+            log_p0 = force(self.log_p0_from_hidden(h[:, start:]), targets)
+        log_q = self.policy_log_q(log_p0, self.policy.full(ids, h, start, cond))
+        return log_p0, force(log_q, targets)
 
     def sequence_log_probs(
         self,

@@ -51,6 +51,9 @@ class Task:
     stop_ids: tuple[int, ...] = ()  # ⊤; empty: fixed length T
     min_len: int = 1  # m, the shortest finished output (the stop counted); with stop_ids only
     logit_bias: Tensor | None = None  # [V] added to p₀'s logits everywhere (None: none)
+    # a tool that forces steps of p₀ (task.calculator; smclm.tasks.calculator.CalculatorTool),
+    # set on the model with the logit bias (None: none)
+    tool: Any = None
     # Tasks with a prompt file (next_sentence): the training and test prompts' ids ([P] each).
     # With more than one training prompt the trainer draws one per update (:meth:`for_prompt`).
     train_prompts: tuple[Tensor, ...] = ()

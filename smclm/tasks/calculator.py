@@ -1,10 +1,9 @@
 """The calculator tool of the integer-arithmetic experiment (Hu et al., ICLR 2024, §4.4;
 ``../shared/docs/gfn-paper-spec.md`` §4.2), as pure text functions.
 
-Library code for issue 24, NOT wired into the CLI yet: no task, sampler or learner calls it so
-far. The later ``task=arithmetic`` calls :func:`calculator` whenever the policy emits a trigger
-token (:func:`is_trigger`) and appends the returned text to the context: it is not an action of
-the policy and is not counted in log q.
+``task=latent task.calculator=true`` runs it inside the sampler (:class:`CalculatorTool`):
+whenever the policy emits a trigger token (:func:`is_trigger`) the returned text is appended to
+the context: it is not an action of the policy and is not counted in log q.
 
 The rule, as the paper's code (``utils.py`` ``generate``) applies it to the decoded state:
 
@@ -36,6 +35,7 @@ junk gives ``None`` (no insertion). Only a bad setting (``max_terms``, ``over_li
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from smclm.errors import ConfigError
 
@@ -154,3 +154,100 @@ def run_with_calculator(
             text += extra
         inserted.append(extra)
     return text, inserted
+
+
+class CalculatorTool:
+    """The calculator inside the sampler, over token ids (:func:`calculator` on the decoded text).
+
+    The tool changes the base process, not the policy: whenever a generated token's text is a
+    trigger (:func:`is_trigger`), the tokens of the calculator's text (``" " + value``) follow
+    it as *forced* steps, whose next-token distribution is one-hot, for p₀ and for every proposal
+    alike. So log p₀ and log q of a forced token are both 0 (tool tokens are in the context, not
+    in log q, and not in p₀'s probability of the policy's actions), while the twist is read after
+    them as after any token. :class:`smclm.models.twisted_lm.TwistedLM` applies it everywhere a
+    next-token distribution is made, incrementally while sampling and by :meth:`forced_targets`
+    in teacher-forced passes, so the learners and evaluators need no flag.
+
+    Rules: the expression is read from the *generated* text alone (the policy's prompt ends in
+    "Answer:", after which the paper's rule reads anyway); an insertion is made only if it ends
+    at least one step before the length cap ``cap`` (T, the stop counted), so the stop still
+    fits; a failed evaluation inserts nothing. Tool tokens count towards T (the paper does not
+    count them in its ``max_len``; give a larger ``task.output_len`` to compensate).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        cap: int,
+        max_terms: int | None = 2,
+        over_limit: str = "paper",
+    ) -> None:
+        check_limit(max_terms, over_limit)
+        self.tokenizer, self.cap = tokenizer, int(cap)
+        self.max_terms, self.over_limit = max_terms, over_limit
+        n = min(int(vocab_size), len(tokenizer))
+        self.trigger_ids = tuple(
+            i for i in range(n) if is_trigger(tokenizer.decode([i], skip_special_tokens=False))
+        )
+        if not self.trigger_ids:
+            raise ConfigError(
+                "task.calculator=true: the tokenizer has no token whose text is '=' or ' =', so "
+                "the tool could never be called; set task.calculator=false"
+            )
+        self._memo: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+    def insertion(self, generated: list[int]) -> tuple[int, ...]:
+        """The tool's token ids after ``generated`` (the output so far, ending in a trigger):
+        the calculator's text tokenised alone; () when it cannot evaluate."""
+        key = tuple(generated)
+        hit = self._memo.get(key)
+        if hit is None:
+            text = self.tokenizer.decode(list(generated), skip_special_tokens=False)
+            extra = calculator(text, self.max_terms, self.over_limit)
+            ids = () if extra is None else self.tokenizer(extra, add_special_tokens=False)
+            hit = () if extra is None else tuple(int(i) for i in ids["input_ids"])
+            if len(self._memo) > 100_000:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit
+
+    def fits(self, t: int, n_tokens: int) -> bool:
+        """Whether an insertion of n_tokens after the trigger at step t (1-based) ends before T."""
+        return 0 < n_tokens and t + n_tokens <= self.cap - 1
+
+    def forced_targets(self, tokens: Any) -> Any:
+        """[N, L] long: at each step the token the tool forces there, −1 where the policy acts,
+        from each row's prefix alone (teacher forcing; tokens [N, L]). A row whose token differs
+        from the forced one has probability 0 under the tool's p₀ (one-hot on the target)."""
+        import torch
+
+        rows = tokens.tolist()
+        out = torch.full(tokens.shape, -1, dtype=torch.long)
+        triggers = set(self.trigger_ids)
+        for n, row in enumerate(rows):
+            queue: list[int] = []
+            for i, tok in enumerate(row):
+                if queue:
+                    out[n, i] = queue.pop(0)
+                    continue
+                if tok in triggers:
+                    ins = self.insertion(row[: i + 1])
+                    if self.fits(i + 1, len(ins)):
+                        queue = list(ins)
+        return out.to(tokens.device)
+
+    def complete(self, actions: list[list[int]]) -> list[int]:
+        """A sequence as the sampler makes it from the policy's action pieces (token lists;
+        each piece after the first starts a new token, so a trigger ending one piece stays a
+        token of its own): the tool's tokens inserted after each trigger that fits."""
+        out: list[int] = []
+        triggers = set(self.trigger_ids)
+        for piece in actions:
+            for tok in piece:
+                out.append(int(tok))
+                if tok in triggers:
+                    ins = self.insertion(out)
+                    if self.fits(len(out), len(ins)):
+                        out.extend(ins)
+        return out

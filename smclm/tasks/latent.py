@@ -40,13 +40,25 @@ one a line), before every policy prompt: k-shot prompting, whose baseline is ``s
 labelled training rows' z (``task.z_template`` with ``{z}``, default " {z}", then the stop) are
 the task's demonstrations: ``method=gfn method.buffer.seed_with_task=true`` seeds the replay
 buffer with them. The paper's reward-temperature schedule is GFlowNet's ``method.tau_r_*``
-(with ``method.allow_tempered_target=true``). Not here yet (issue 24): the calculator in the
-sampler. Evaluators of the test rows: :mod:`smclm.evaluators.latent`.
+(with ``method.allow_tempered_target=true``). Evaluators of the test rows:
+:mod:`smclm.evaluators.latent`.
+
+``task.calculator=true`` puts the paper's calculator in the sampler
+(:class:`smclm.tasks.calculator.CalculatorTool`, limited to ``task.calculator_terms`` operands,
+2 as in the paper; null: no limit): after each generated "=" (or " =") token the value of the
+expression before it follows as forced tokens, which are in the context and in the text the
+reward scores, but not actions: their log p₀ and log q are 0 (the model's p₀ is the tool's, see
+:mod:`smclm.models.twisted_lm`). So the sampler's target is σ̃(Z) = p̃₀(actions of Z | X)·φ(Z) with
+log φ = (1/τ)·log R(Z) − Σ_{action steps} log p̃₀, and again σ ∝ R^{1/τ}. Tool tokens count in
+``task.output_len``. With the tool, a labelled row's z is given with its results (``"6 - 0 = 6,
+6 - 4 = 2"``, as in k-shot prompts); its demonstration is the policy's part (``"6 - 0 =, 6 - 4
+="``: the text after each "=" up to the next ", " removed) with the tool's tokens inserted.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +139,7 @@ class LatentPotential:
         self.demos: list[tuple[Tensor, list[int]]] = []  # (prompt ids, z ids) of labelled rows
         self.tau, self.bias, self.score_stop = float(tau), bias, bool(score_stop)
         self.batch_size = int(batch_size)
+        self.tool: Any = None  # task.calculator: forced steps are not in log p̃₀(Z | X)
         self.row = rows[tuple(int(i) for i in prompt_ids.tolist())]
 
     def seed_sequences(self, output_len: int, pad_id: int) -> list[tuple[Tensor, Tensor]]:
@@ -157,6 +170,7 @@ class LatentPotential:
             self.label_penalty,
         )
         bound.demos, bound.labels, bound.label_ids = self.demos, self.labels, self.label_ids
+        bound.tool = self.tool
         return bound
 
     def _log_probs(
@@ -220,10 +234,18 @@ class LatentPotential:
             log_r = biased[:, :k].sum(1) + raw.sum(1)
             if self.label_penalty is not None and self.row.others:
                 log_r = log_r + self.label_penalty * self._prefers_another(zs, raw)
+            # the tool's forced steps are in R's text but not in p̃₀'s probability of Z
+            acting = None if self.tool is None else self.tool.forced_targets(z) < 0
             if same_context:
-                log_p_z = biased[:, :k].sum(1) + (0.0 if stop is None else stop)
+                part = (
+                    biased[:, :k]
+                    if acting is None
+                    else biased[:, :k].masked_fill(~acting[:, :k], 0.0)
+                )
+                log_p_z = part.sum(1) + (0.0 if stop is None else stop)
             else:  # the policy's context differs from the reward's: a second pass
-                log_p_z = self._log_probs(self.prompt_ids.to(dev), z, z.shape[1])[0].sum(1)
+                lp = self._log_probs(self.prompt_ids.to(dev), z, z.shape[1])[0]
+                log_p_z = (lp if acting is None else lp.masked_fill(~acting, 0.0)).sum(1)
             out.append(log_r / self.tau - log_p_z)
         if not out:
             return tokens.new_zeros(0).float()
@@ -257,6 +279,8 @@ def latent_task(
     label_penalty: float = -50.0,
     data_seed: int = 0,
     test_operands: int = 3,
+    calculator: bool = False,
+    calculator_terms: int | None = 2,
     cond_len: int = 0,
 ) -> Task:
     """The task of configs/task/latent.yaml (module docstring). ``prompt`` (the config's
@@ -310,6 +334,31 @@ def latent_task(
     if not stop_ids:
         raise ConfigError("task.stop must name the stop token(s) of Z (default eos)")
 
+    tool = None
+    if calculator:
+        from smclm.tasks.calculator import CalculatorTool
+
+        if calculator_terms is not None and (
+            isinstance(calculator_terms, bool)
+            or not isinstance(calculator_terms, int)
+            or calculator_terms < 2
+        ):
+            raise ConfigError(
+                f"task.calculator_terms={calculator_terms!r}: give an integer ≥ 2 (the paper: 2), "
+                "or null (no limit)"
+            )
+        tool = CalculatorTool(tok, env.vocab_size, int(output_len), calculator_terms)
+
+    def demo_ids(z: str) -> list[int]:
+        """A labelled z as the policy's token ids (with the tool: its part, then completed)."""
+        if tool is None:
+            return list(tok(z_template.format(z=z), add_special_tokens=False)["input_ids"])
+        from smclm.tasks.arithmetic_data import tool_form
+
+        text = z_template.format(z=tool_form(z))
+        pieces = [p for p in re.split(r"(?<==)", text) if p]  # each "=" ends a piece
+        return tool.complete([tok(p, add_special_tokens=False)["input_ids"] for p in pieces])
+
     table: dict[tuple[int, ...], _Row] = {}
     label_list = None if labels is None else [str(v) for v in labels]
     if label_list is not None and len(set(label_list)) < 2:
@@ -359,8 +408,7 @@ def latent_task(
                 others = tuple(answer_ids(v) for v in label_list if v != str(row["y"]))
             table[key] = _Row(ctx, answer, others)
             if row.get("z") is not None and where.startswith("task.data"):
-                z_text = z_template.format(z=row["z"])
-                demos.append((ids, list(tok(z_text, add_special_tokens=False)["input_ids"])))
+                demos.append((ids, demo_ids(str(row["z"]))))
             out.append(ids)
         return tuple(out)
 
@@ -382,6 +430,7 @@ def latent_task(
         label_penalty=None if label_list is None else float(label_penalty),
     )
     potential.demos = [(ids, z + [stop_ids[0]]) for ids, z in demos]
+    potential.tool = tool
     if label_list is not None:  # evaluator=label_vote scores each label's answer text
         potential.labels = label_list
         potential.label_ids = {v: answer_ids(v) for v in label_list}
@@ -394,6 +443,7 @@ def latent_task(
         stop_ids=stop_ids,
         min_len=int(min_len),
         logit_bias=bias,
+        tool=tool,
         train_prompts=encoded["train"] if every else (prompt_ids,),
         test_prompts=encoded["test"],
     )
