@@ -113,12 +113,17 @@ class Run:
     def sampler_label(self) -> str:
         """The method, or for an evaluation without a learner (method none) that drew its
         sentences by importance resampling from p₀ (``sent/sampler`` twisted_smc with an
-        untrained twist), ``p0_sir_K<K>``: approximate samples of the target σ itself."""
+        untrained twist), ``p0_sir_K<K>``: approximate samples of the target σ itself; for one
+        with ``task.k_shot`` (task=latent), ``p0_<k>shot``: k-shot prompting of p₀."""
         method = self.method
         if method == "none" and self.final.get("sent/sampler") == "twisted_smc":
             smc = self.config.get("smc")
             k = smc.get("n_particles") if isinstance(smc, dict) else None
             return f"p0_sir_K{k}"
+        task = self.config.get("task")
+        shots = task.get("k_shot") if isinstance(task, dict) else None
+        if method == "none" and isinstance(shots, int) and not isinstance(shots, bool):
+            return f"p0_{shots}shot"  # k-shot prompting of p₀ (task.k_shot, task=latent)
         return method
 
     @property
@@ -499,8 +504,7 @@ def make_table(
             result, rows, paper_runs, log_z, source, str(budget) if budget else None
         )
         keys = ["paper_result", "task", "method", "variant", "n", "log_z", "log_z_source"]
-        for key, _ in paper_mod.KL_KEYS:
-            keys += [key, f"{key}_ci95", f"paper_{key}", f"paper_{key}_ci95", f"diff_{key}"]
+        keys += paper_mod.csv_keys(result)
         if any("at_step" in row for row in rows):
             keys.append("at_step")
         csv_text = render_csv(rows, keys)
@@ -565,8 +569,8 @@ def table_command(argv: list[str]) -> None:
         "--paper",
         metavar="RESULT",
         help="the paper result to compare with (fig3, table2, table3, table4, table8, table9, "
-        "table10; default: detected from the runs; 'none': a plain table). Without a directory: "
-        "print the paper's numbers",
+        "table10; Hu et al.'s gfn_table4; default: detected from the runs; 'none': a plain "
+        "table). Without a directory: print the paper's numbers",
     )
     parser.add_argument(
         "--out", metavar="DIR", help="where to write table.md and table.csv (default: the dir)"
