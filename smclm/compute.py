@@ -56,6 +56,33 @@ def _body(module: nn.Module) -> nn.Module:
     return module
 
 
+class CountedPotential:
+    """A task's potential that counts the sequences it scores in its meter's
+    ``potential_sequences``: calls and the KV-cache path (``from_cache``, infilling) are counted;
+    every other attribute is the inner potential's (``for_prompt`` returns the inner one rebound,
+    which the trainer watches again)."""
+
+    _smclm_metered = True
+
+    def __init__(self, inner: Any, meter: ComputeMeter) -> None:
+        self.inner, self._meter = inner, meter
+        if getattr(inner, "from_cache", None) is not None:
+            self.from_cache = self._counted_from_cache
+
+    def __call__(self, tokens: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        self._meter.step["potential_sequences"] += int(tokens.shape[0])
+        return self.inner(tokens, cond)
+
+    def _counted_from_cache(self, model: Any, ctx: Any, tokens: torch.Tensor, cond: Any) -> Any:
+        self._meter.step["potential_sequences"] += int(tokens.shape[0])
+        return self.inner.from_cache(model, ctx, tokens, cond)
+
+    def __getattr__(self, name: str) -> Any:  # only for attributes not set here
+        if name == "inner":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
 class ComputeMeter:
     def __init__(self) -> None:
         self.step: dict[str, float] = defaultdict(float)
@@ -87,32 +114,12 @@ class ComputeMeter:
         self._handles.append(root.register_forward_pre_hook(hook, with_kwargs=True))
 
     def watch_task(self, task: Task) -> None:
-        """Wrap task.potential so every scored sequence is counted."""
-        inner = task.potential
-        if getattr(inner, "_smclm_metered", False):
+        """Wrap task.potential so every scored sequence is counted (:class:`CountedPotential`:
+        everything else about the potential, its KV-cache path and its rebinding included, is
+        the inner one's)."""
+        if isinstance(task.potential, CountedPotential):
             return
-
-        def counted(tokens: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-            self.step["potential_sequences"] += int(tokens.shape[0])
-            return inner(tokens, cond)
-
-        counted._smclm_metered = True  # type: ignore[attr-defined]
-        counted.inner = inner  # type: ignore[attr-defined]
-        from_cache = getattr(inner, "from_cache", None)
-        if from_cache is not None:  # keep the KV-cache path (infilling), counted the same way
-
-            def counted_from_cache(model, ctx, tokens, cond):
-                self.step["potential_sequences"] += int(tokens.shape[0])
-                return from_cache(model, ctx, tokens, cond)
-
-            counted.from_cache = counted_from_cache  # type: ignore[attr-defined]
-        exponent = getattr(inner, "log_p0_exponent", None)
-        if exponent is not None:  # Task.log_phi_from_log_p0: scored without calling it
-            counted.log_p0_exponent = exponent  # type: ignore[attr-defined]
-        for_prompt = getattr(inner, "for_prompt", None)
-        if for_prompt is not None:  # Task.for_prompt rebinds the inner potential (then watch it)
-            counted.for_prompt = for_prompt  # type: ignore[attr-defined]
-        task.potential = counted
+        task.potential = CountedPotential(task.potential, self)
 
     def sampled(self, n_tokens: int) -> None:
         self.step["sampled_tokens"] += n_tokens

@@ -273,3 +273,53 @@ def test_modified_subtb_over_forced_steps_is_the_loss_without_them():
                 num += float(c) ** 2
                 den += 1
     assert math.isclose(float(got), num / den, rel_tol=1e-5)
+
+
+def test_the_metered_potential_is_the_task_potential_for_everything_but_counting(gpt2_dir):
+    """The trainer's compute meter wraps the potential; GFlowNet's buffer seeding and SFT read
+    its demonstrations through the wrapper (they once found none)."""
+    from smclm.compute import ComputeMeter
+
+    world = world_for(gpt2_dir)
+    task = world.task
+    inner = task.potential
+    meter = ComputeMeter()
+    meter.watch_task(task)
+    assert task.potential is not inner and task.potential.tool is inner.tool
+    seeds = task.potential.seed_sequences(task.output_len, task.stopping.pad_id)
+    assert seeds and len(seeds) == len(inner.seed_sequences(task.output_len, task.stopping.pad_id))
+    z = seeds[0][1][:1, :T]
+    meter.begin()
+    task.potential(z)
+    assert meter.end()["compute/potential_sequences"] == 1
+
+
+@pytest.mark.parametrize("method", ["sft", pytest.param("gfn", marks=pytest.mark.slow)])
+def test_training_on_every_row_with_the_tool_from_the_command_line(tmp_path, gpt2_dir, method):
+    from conftest import run_smclm
+
+    out = tmp_path / "run"
+    extra = ["method.buffer.seed_with_task=true"] if method == "gfn" else []
+    res = run_smclm(
+        "train",
+        f"model.name={gpt2_dir}",
+        "task=latent",
+        "task.data=arithmetic",
+        "task.max_train_rows=30",
+        "task.max_test_rows=2",
+        "task.output_len=30",
+        "task.prompt_index=all",
+        "task.calculator=true",
+        f"task.answer_template='{ANSWER}'",
+        f"method={method}",
+        *extra,
+        "smc.n_particles=4",
+        "evaluator=arithmetic",
+        "evaluator.n_samples=2",
+        "train.updates=2",
+        "train.progress=false",
+        "device=cpu",
+        f"hydra.run.dir={out}",
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (out / "summary.json").exists()

@@ -35,6 +35,7 @@ class SFT:
 
     name = "sft"
     needs_policy, needs_twist = True, False
+    needs_exact = False  # it learns from the task's demonstrations
 
     def __init__(self, batch_size: int | None = None) -> None:
         if batch_size is not None and (
