@@ -3,8 +3,8 @@
 and the JSONL row format that ``task=latent`` will read.
 
 ``task=latent`` reads its rows with :func:`read_jsonl` and, with ``task.data=arithmetic``, makes
-them with :func:`generate` (:mod:`smclm.tasks.latent`); ``task=arithmetic`` (the calculator in
-the sampler, issue 24) is not built yet.
+them with :func:`generate` (:mod:`smclm.tasks.latent`); ``task.calculator=true`` adds the tool
+(:mod:`smclm.tasks.calculator`).
 
 The data, as the paper's generator notebook makes it (``data_integer_arithmetic.ipynb``):
 
