@@ -182,10 +182,7 @@ class LatentPotential:
         (j, tokens [N]) log p̃₀ of those tokens in place of seq[:, j]."""
         from smclm.models.twisted_lm import output_logits
 
-        p = context.numel()
-        ctx = context[None].expand(seq.shape[0], -1)
-        ids = torch.cat([ctx, seq[:, :-1]], dim=1)
-        h = self.base.base_model(input_ids=ids).last_hidden_state[:, p - 1 :]
+        h = self._hidden(context, seq)
         logits = output_logits(self.base, h)  # [N, L, V] float32, with the task's bias
         log_sm = logits.log_softmax(-1)
         biased = log_sm.gather(-1, seq[..., None]).squeeze(-1)
@@ -199,6 +196,25 @@ class LatentPotential:
         raw_logits = logits[:, raw_from:] - self.bias.to(logits.device)
         raw = raw_logits.log_softmax(-1).gather(-1, tail[..., None]).squeeze(-1)
         return biased, raw, other
+
+    def _hidden(self, context: Tensor, seq: Tensor) -> Tensor:
+        """The base body's last hidden states [N, L, d] at the positions that predict seq [N, L]
+        after context [P]. The context (the reward prompt's k worked examples and X: most of
+        the tokens) runs once, its KV cache expanded to the N rows, instead of once per row."""
+        from smclm.models.cache import cache_kwargs, make_kv_cache, reorder_cache
+
+        body, n, p = self.base.base_model, seq.shape[0], context.numel()
+        if n == 1 or p < 2:  # nothing to share
+            ids = torch.cat([context[None].expand(n, -1), seq[:, :-1]], dim=1)
+            return body(input_ids=ids).last_hidden_state[:, p - 1 :]
+        cache = make_kv_cache()
+        h_ctx = body(input_ids=context[None], **cache_kwargs(body, cache)).last_hidden_state
+        first = h_ctx[:, -1:].expand(n, -1, -1)  # predicts seq[:, 0]
+        if seq.shape[1] == 1:
+            return first
+        reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=seq.device))
+        rest = body(input_ids=seq[:, :-1], **cache_kwargs(body, cache)).last_hidden_state
+        return torch.cat([first, rest], dim=1)
 
     def answer_log_probs(self, zs: Tensor, answers: list[Tensor]) -> Tensor:
         """Raw log p₀ of each answer text (ids [L_a]) after [C, X, Z′] for rationales zs
