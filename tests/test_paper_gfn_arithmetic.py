@@ -187,8 +187,8 @@ def test_the_smoke_profile_end_to_end(tmp_path, tiny_llama_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # every trained run: in-training evaluations on 3 rows, the final one on 6 (2 per count)
     trained = [p.parent for p in out.glob("runs/*/*/summary.json") if p.parts[-3] != "kshot"]
-    assert sorted(p.name for p in trained) == [
-        "0_gfn_seed0", "0_sft_seed0", "1_ppo_seed0", "2_ctl_seed0"
+    assert sorted(str(p.relative_to(out / "runs")) for p in trained) == [
+        "ctl/0_ctl_seed0", "gfn/0_gfn_seed0", "policies/0_sft_seed0", "policies/1_ppo_seed0"
     ]  # fmt: skip
     for run in trained:
         final = json.loads((run / "eval" / "summary.json").read_text())
@@ -197,6 +197,7 @@ def test_the_smoke_profile_end_to_end(tmp_path, tiny_llama_dir):
         assert during["arith/n"] == 3 and during["run/updates"] == 2
     gfn_cfg = yaml.safe_load((out / "runs/gfn/0_gfn_seed0/config.yaml").read_text())
     assert gfn_cfg["method"]["tau_r_updates"] == 2 and gfn_cfg["method"]["tau_r_end"] == 0.5
+    assert gfn_cfg["task"]["calculator"] is True
     assert gfn_cfg["task"]["test_data"] == str(out / "data" / "arithmetic_test_345.jsonl")
     assert gfn_cfg["paper"] == {
         "result": "gfn_table4", "profile": "smoke",

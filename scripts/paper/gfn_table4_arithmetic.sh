@@ -33,32 +33,40 @@
 #          first 150 test rows (50 per operand count), the final one on all 1500 (500 each);
 #          k ∈ {0, 3, 5, 10, 20}. UNVERIFIED: the number of seeds behind the paper's table; SFT's
 #          and PPO's settings (not in the paper's code: the GFlowNet's LoRA and lr here).
-#          Differs: Z and the evaluation share the training length 18 (the paper evaluates with
-#          max_eval_len 22: `smclm eval run=` keeps the run's task settings).
-#   cpu    SmolLM2-135M offline (the experiment's model), at most ~2 h on 2 idle cores: seeds
-#          0, 1; 20 updates of 8 trajectories, evaluated after 0, 10 and 20 updates on the first
-#          15 test rows (5 per operand count; no separate final evaluation); τ_R's horizon 10
-#          updates; task.output_len=32 (SmolLM2 writes every digit and blank as a token of its
-#          own: a 4-operand rationale takes up to 31 of them, the paper's 18 GPT-J tokens);
-#          the LoRA policies' and the CTL twist's lr 1e-3 (to move in so few updates); k ∈ {0, 3}.
-#          Measured pieces (2 shared cores, load ~2): a GFlowNet update of 16 trajectories 72–133
-#          s (modified SubTB scores every prefix's reward), PPO 40 s, CTL 15–18 s; one evaluation
-#          question 2–3 s with a policy, ~33 s by twisted SMC.
+#          Differs: T = 30 tokens with the calculator's (smclm counts them) for training and
+#          evaluation alike (`smclm eval run=` keeps the run's task settings): the paper's
+#          evaluation length (22 policy tokens + ≤ 8 of the tool), looser than its training cap
+#          (18 policy tokens).
+#   cpu    SmolLM2-135M offline (the experiment's model), ~1.3 h estimated on 2 idle cores (at
+#          most ~2 h): seeds 0, 1; 16 updates of 8 trajectories, evaluated after 0 and 16
+#          updates on the first 15 test rows (5 per operand count; no separate final
+#          evaluation); τ_R's horizon 8 updates; task.output_len=44 (SmolLM2 writes every digit
+#          and blank as a token of its own: a 5-operand rationale with the tool's numbers takes
+#          up to 43); GFlowNet's lr warm-up 2 updates (the paper's 20 is longer than the run);
+#          the CTL twist's lr 1e-3 (to move in so few updates, as the other cpu profiles; the
+#          LoRA policies keep the paper's 1e-4: at 1e-3 SFT and PPO wrote junk within 2–16
+#          updates); k ∈ {0, 3}. Measured pieces of it (2 cores, seconds): GFlowNet set-up 53
+#          and 51–62 per update (modified SubTB scores every prefix's reward), PPO 30–34 and SFT
+#          7 per update (at load ~2.5), CTL 10–16 per update (load ~3); one test question 1–2
+#          with a policy, 21 by twisted SMC with the untrained twist (idle); this script with
+#          method=sft seed=0 (one SFT run and the k-shot rows of one seed): 7 min 5 s at load ~2.
 #   smoke  seconds, for tests (with tiny models passed as overrides): 2 updates, 4 trajectories,
 #          T = 12, 3 samples on 3 (final: 6) test rows, k ∈ {0, 3}.
 RESULT=gfn_table4
 EXPERIMENT=gfn_arithmetic
 METHODS=gfn,sft,ppo,ctl
 PAPER=(seed=0,1,2,3,4 model.name=nlpcloud/instruct-gpt-j-fp16 evaluator.n_prompts=150)
-CPU=(seed=0,1 train.updates=20 train.eval_every=10 smc.n_particles=8 task.output_len=32
-  evaluator.n_prompts=15 method.lr=1e-3 train.progress=false)
+CPU=(seed=0,1 train.updates=16 train.eval_every=16 smc.n_particles=8 task.output_len=44
+  evaluator.n_prompts=15 train.progress=false)
 SMOKE=(seed=0 train.updates=2 train.eval_every=2 smc.n_particles=4 task.output_len=12
   evaluator.n_samples=3 evaluator.n_prompts=3 train.progress=false)
 declare -A KSHOTS=([paper]="0 3 5 10 20" [cpu]="0 3" [smoke]="0 3")
 # test rows of the final evaluation (null: all); empty: none after training, the last
 # in-training evaluation is the final one (and the k-shot rows read evaluator.n_prompts rows)
 declare -A FINAL_PROMPTS=([paper]=null [cpu]="" [smoke]=6)
-declare -A HORIZON=([paper]=150 [cpu]=10 [smoke]=2)  # GFlowNet's τ_R 1.1 → 0.5 over H updates
+declare -A HORIZON=([paper]=150 [cpu]=8 [smoke]=2)  # GFlowNet's τ_R 1.1 → 0.5 over H updates
+declare -A WARMUP=([paper]=20 [cpu]=2 [smoke]=20)  # GFlowNet's linear lr warm-up (updates)
+declare -A TWIST_LR=([paper]=1e-4 [cpu]=1e-3 [smoke]=1e-4)  # CTL's twist
 source "$(dirname "$0")/_common.sh"
 
 # Python with smclm importable: smclm's own interpreter (its entry point's #! line), else the
@@ -90,8 +98,10 @@ write_jsonl(sys.argv[1], [row for trio in zip(test[3], test[4], test[5]) for row
 EOF
 DATA=("task.test_data=$TEST")
 
-sweep gfn "method=$(pick gfn)" "${DATA[@]}" "method.tau_r_updates=${HORIZON[$PROFILE]}"
-sweep baselines "method=$(pick sft,ppo,ctl)" "${DATA[@]}"
+sweep gfn "method=$(pick gfn)" "${DATA[@]}" "method.tau_r_updates=${HORIZON[$PROFILE]}" \
+  "method.warmup=${WARMUP[$PROFILE]}"
+sweep policies "method=$(pick sft,ppo)" "${DATA[@]}"
+sweep ctl "method=$(pick ctl)" "${DATA[@]}" "method.lr=${TWIST_LR[$PROFILE]}"
 
 # Every trained run once more, on the final test rows (into <run>/eval/; done ones are kept)
 FINAL=()
@@ -101,8 +111,8 @@ todo=()
 while IFS= read -r summary; do
   run="$(dirname "$summary")"
   [[ -f "$run/eval/summary.json" ]] || todo+=("'${run//\'/\\\'}'")
-done < <(find "$OUT/runs/gfn" "$OUT/runs/baselines" -name summary.json -not -path '*/eval/*' \
-  2>/dev/null | sort)
+done < <(find "$OUT/runs/gfn" "$OUT/runs/policies" "$OUT/runs/ctl" -name summary.json \
+  -not -path '*/eval/*' 2>/dev/null | sort)
 if ((${#FINAL[@]} && ${#todo[@]})); then
   echo "== $NAME ($PROFILE): the final evaluation of ${#todo[@]} trained run(s)"
   "$SMCLM" eval -m "run=$(IFS=,; echo "${todo[*]}")" evaluator=arithmetic "${MATCHED[@]}" \
@@ -139,11 +149,12 @@ for path in Path(sys.argv[1]).glob("*/*/summary.json"):
     if "time/total_update_s" in summary:
         finals.append(float(summary["time/total_update_s"]))
     metrics = path.parent / "metrics.jsonl"
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    text = metrics.read_text() if metrics.is_file() else ""
+    rows = [json.loads(x) for x in text.splitlines() if x.strip()]
     first = next((r for r in rows if "time/eval_s" in r and "time/total_update_s" in r), None)
     if first is not None:
         firsts.append(float(first["time/total_update_s"]))
-print(f"{max([min(finals), *firsts]):.6g}" if finals else "")
+print(repr(max([min(finals), *firsts])) if finals else "")  # exact: no rounding down
 EOF
 )"
 if [[ -n "$BUDGET" ]]; then
@@ -175,7 +186,10 @@ fi
   else
     echo "the k-shot rows the same (no separate final evaluation in this profile)."
   fi
-  echo "Calculator: $(grep -q '^  calculator: true' "$ROOT/configs/experiment/$EXPERIMENT.yaml" \
-    && echo "on (task.calculator=true, two-term limit)" \
-    || echo "off: the sampler has no calculator yet, so the policy writes every number itself")."
+  config="$(find "$OUT/runs" -name config.yaml -path '*seed*' -not -path '*/eval/*' | head -1)"
+  if [[ -n "$config" ]] && grep -q '^  calculator: true' "$config"; then
+    echo "Calculator: on (task.calculator=true, at most task.calculator_terms operands)."
+  else
+    echo "Calculator: off (task.calculator=false): the policy writes every number itself."
+  fi
 } >>"$OUT/report.md"
