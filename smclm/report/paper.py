@@ -69,7 +69,9 @@ class PaperResult:
     log_z: float | None
     ablation: bool
     variants: dict[str, dict[str, Any]]  # variant -> {config key: value}; "" = no variants
-    values: dict[str, dict[str, dict[str, list[float]]]]  # method -> variant -> key -> [m, ci]
+    values: dict[
+        str, dict[str, dict[str, list[float | None]]]
+    ]  # method -> variant -> key -> [m, ci]
     citation: str = ""
     metrics: tuple[Metric, ...] = KL_METRICS
     paper_values: str = "mean ± 95% CI over 5 seeds"  # what the paper's cells are
@@ -150,7 +152,7 @@ def paper_result(name: str) -> PaperResult:
     variants = r.get("variants") or {"": {}}
     metrics = _metrics(r)
     by_source = {m.source: m.key for m in metrics if m.source}  # yaml keys -> row keys
-    values: dict[str, dict[str, dict[str, list[float]]]] = {}
+    values: dict[str, dict[str, dict[str, list[float | None]]]] = {}
     for method, entry in (r.get("methods") or {}).items():
         entry = entry or {}
         per_variant = entry if r.get("variants") else ({"": entry} if entry else {})
@@ -458,7 +460,7 @@ def render_paper_values(result: PaperResult) -> str:
         for variant in result.variants:
             for metric in result.metrics:
                 cell = per_variant.get(variant, {}).get(metric.key, [None, None])
-                cells.append(_paper(*cell, metric))
+                cells.append(_paper(cell[0], cell[1], metric))
         lines.append("| " + " | ".join(cells) + " |")
     if result.note and not result.kl:
         lines += ["", result.note]
