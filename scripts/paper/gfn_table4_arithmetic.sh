@@ -37,7 +37,7 @@
 #          evaluation alike (`smclm eval run=` keeps the run's task settings): the paper's
 #          evaluation length (22 policy tokens + ≤ 8 of the tool), looser than its training cap
 #          (18 policy tokens).
-#   cpu    SmolLM2-135M offline (the experiment's model), ~1.3 h estimated on 2 idle cores (at
+#   cpu    SmolLM2-135M offline (the experiment's model), ~1.5 h estimated on 2 idle cores (at
 #          most ~2 h): seeds 0, 1; 16 updates of 8 trajectories, evaluated after 0 and 16
 #          updates on the first 15 test rows (5 per operand count; no separate final
 #          evaluation); τ_R's horizon 8 updates; task.output_len=44 (SmolLM2 writes every digit
@@ -47,9 +47,10 @@
 #          LoRA policies keep the paper's 1e-4: at 1e-3 SFT and PPO wrote junk within 2–16
 #          updates); k ∈ {0, 3}. Measured pieces of it (2 cores, seconds): GFlowNet set-up 53
 #          and 51–62 per update (modified SubTB scores every prefix's reward), PPO 30–34 and SFT
-#          7 per update (at load ~2.5), CTL 10–16 per update (load ~3); one test question 1–2
-#          with a policy, 21 by twisted SMC with the untrained twist (idle); this script with
-#          method=sft seed=0 (one SFT run and the k-shot rows of one seed): 7 min 5 s at load ~2.
+#          7 per update (at load ~2.5), CTL 10–16 per update (load ~3); one test question 1–9
+#          with a policy (9 when its samples run to T), 21 by twisted SMC with the untrained twist
+#          (idle); this script with method=sft seed=0 (one SFT run and the k-shot rows of one
+#          seed): 7 min 5 s at load ~2.
 #   smoke  seconds, for tests (with tiny models passed as overrides): 2 updates, 4 trajectories,
 #          T = 12, 3 samples on 3 (final: 6) test rows, k ∈ {0, 3}.
 RESULT=gfn_table4
