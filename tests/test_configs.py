@@ -168,7 +168,9 @@ def test_user_config_dirs_join_the_group_check(tmp_path, monkeypatch):
     (mine / "task").mkdir(parents=True)
     (mine / "task" / "my_task.yaml").write_text("_target_: my.task\n")
     monkeypatch.delenv("SMCLM_CONFIG_PATH", raising=False)
-    with pytest.raises(ConfigError, match="unknown task 'my_task'; choose one of: arithmetic, classifier"):
+    with pytest.raises(
+        ConfigError, match="unknown task 'my_task'; choose one of: arithmetic, classifier"
+    ):
         check_group_overrides(["task=my_task"])
     check_group_overrides([f"hydra.searchpath=[file://{mine}]", "task=my_task,toy"])
     # the user's options listed too
