@@ -62,8 +62,6 @@ class CountedPotential:
     every other attribute is the inner potential's (``for_prompt`` returns the inner one rebound,
     which the trainer watches again)."""
 
-    _smclm_metered = True
-
     def __init__(self, inner: Any, meter: ComputeMeter) -> None:
         self.inner, self._meter = inner, meter
         if getattr(inner, "from_cache", None) is not None:
