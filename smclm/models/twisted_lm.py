@@ -159,10 +159,12 @@ class StepDists:
 @dataclass
 class ToolState:
     """Each particle's generated tokens so far [N, t] and its queue of forced tokens [N, Q]
-    (−1: empty), while sampling with a tool."""
+    (−1: empty), while sampling with a tool; ``triggers`` the tool's trigger ids on the
+    sampler's device (made once per run, not per step)."""
 
     history: Tensor
     queue: Tensor
+    triggers: Tensor
 
     def front(self) -> Tensor:
         """[N] the token each particle is forced to take next (−1: none)."""
@@ -298,7 +300,8 @@ class TwistedLM(nn.Module):
         tool_state = None
         if self.tool is not None:  # the first step is never forced
             empty = torch.zeros(n, 0, dtype=torch.long, device=ids.device)
-            tool_state = ToolState(empty, empty.clone())
+            triggers = torch.tensor(self.tool.trigger_ids, device=ids.device)
+            tool_state = ToolState(empty, empty.clone(), triggers)
         ctx = SamplingContext(cache, twist_state, n, policy_state, tool_state)
         return ctx, StepDists(log_p0, log_psi, log_q)
 
@@ -326,7 +329,7 @@ class TwistedLM(nn.Module):
         st.history = torch.cat([st.history, tokens[:, None]], dim=1)
         if st.queue.shape[1]:
             st.queue = st.queue[:, 1:]
-        trig = torch.isin(tokens, torch.tensor(tool.trigger_ids, device=tokens.device))
+        trig = torch.isin(tokens, st.triggers)
         rows = (trig & ~was_forced).nonzero().squeeze(1).tolist()
         t = st.history.shape[1]
         for r in rows:
