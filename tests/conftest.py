@@ -152,6 +152,22 @@ def tiny_classifier_dirs(tmp_path_factory):
     }
 
 
+def save_tiny_bert_encoder(path, seed: int = 0) -> str:
+    """A tiny randomly initialised BERT encoder (2 layers, d = 16) with a WordPiece tokenizer over
+    CLASSIFIER_WORDS that adds [CLS] and [SEP], saved to path (the BERTScore tests' encoder)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = CLASSIFIER_WORDS + ("[MASK]",)
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=64,
+                     pad_token_id=0)  # fmt: skip
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def byte_level_tokenizer(corpus: list[str], vocab_size: int):
     """A GPT-2-style byte-level BPE (Ġ space markers, <|endoftext|> as EOS and BOS) trained on
     the corpus: a real tokenizer class for the sentence tasks, with no download."""

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_smclm, run_updates
+from conftest import run_smclm, run_updates, save_tiny_bert_encoder
 from hydra import compose, initialize_config_module
 
 from smclm.build import build_world
@@ -262,14 +262,15 @@ def test_the_label_check_penalises_rationales_after_which_p0_prefers_another_lab
 @pytest.mark.parametrize(
     ("evaluator", "keys"),
     [
-        ("overlap", ("infill/bleu4", "infill/gleu")),
+        ("overlap", ("infill/bleu4", "infill/gleu", "infill/bertscore")),
         # the same wiring as overlap (LATENT_EVALUATORS); predict() is tested below
         pytest.param("label_vote", ("label/acc",), marks=pytest.mark.slow),
     ],
 )
 def test_the_infilling_and_label_evaluators_from_the_command_line(tmp_path, evaluator, keys):
-    """evaluator=overlap (BLEU-4, GLEU against each test row's z) and evaluator=label_vote
-    (majority label after Z) on the toy world's test rows, through `smclm train`."""
+    """evaluator=overlap (BLEU-4, GLEU against each test row's z, and BERTScore with a tiny
+    local encoder) and evaluator=label_vote (majority label after Z) on the toy world's test
+    rows, through `smclm train`."""
     test_rows = [
         {"x": "the cat", "y": "bad", "z": "sat on the mat."},
         {"x": "a dog", "y": "mat", "z": "ran and sat"},
@@ -277,8 +278,13 @@ def test_the_infilling_and_label_evaluators_from_the_command_line(tmp_path, eval
     train = write_rows(tmp_path / "train.jsonl", ROWS[:1])
     test = write_rows(tmp_path / "test.jsonl", test_rows)
     out = tmp_path / "run"
+    extra = []
+    if evaluator == "overlap":
+        encoder = save_tiny_bert_encoder(tmp_path / "encoder")
+        extra = [f"evaluator.bertscore.model={encoder}", "evaluator.bertscore.layer=2"]
     res = run_smclm(
         "train",
+        *extra,
         "model=toy",
         "task=latent",
         f"task.data={train}",
@@ -299,6 +305,9 @@ def test_the_infilling_and_label_evaluators_from_the_command_line(tmp_path, eval
     prefix = keys[0].split("/")[0]
     for key in keys:
         assert 0.0 <= flat[key] <= 1.0, flat
+    if evaluator == "overlap":
+        assert flat["infill/bertscore_model"] == f"{encoder} layer 2", flat
+        assert "infill/bertscore_baseline" not in flat  # not rescaled for an unknown encoder
     assert flat[f"{prefix}/sampler"] == "twisted_smc" and flat[f"{prefix}/n_samples"] == 4
 
 

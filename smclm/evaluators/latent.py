@@ -11,7 +11,10 @@ final weights.
 * ``evaluator=overlap`` (:class:`OverlapEvaluator`; infilling): BLEU-4 and GLEU
   (:mod:`smclm.evaluators.text_overlap`) of each sample's text against the row's z, whitespace
   words, the reference's final "." removed, averaged over all samples of all rows (the paper's
-  mean); BERTScore needs a model download and is not computed.
+  mean); with ``evaluator.bertscore.model`` (the paper's ``microsoft/deberta-xlarge-mnli``, or
+  any encoder and its layer, by name or local directory) also BERTScore F1
+  (:mod:`smclm.evaluators.bertscore`) of the same sample texts against the same reference (z
+  without its final ".", as the paper's reference sentence).
 * ``evaluator=label_vote`` (:class:`LabelVoteEvaluator`; subjectivity): each sample's label is
   the one of ``task.labels`` whose answer text p₀ scores highest after [C, X, Z]; the row's
   prediction is the label most samples give (ties: the label listed last, so that with
@@ -117,28 +120,42 @@ class OverlapEvaluator:
                     f"evaluator=overlap compares samples with each test row's z; the row "
                     f"x={row['x']!r} has none"
                 )
+        from smclm.evaluators.bertscore import scorer_from_config
+
+        self.bertscore = scorer_from_config(ev.get("bertscore"), model.device)
 
     @torch.no_grad()
     def __call__(self, step: int, generator: Any = None) -> dict[str, Any]:
         from smclm.evaluators.text_overlap import sentence_bleu4, sentence_gleu
 
         bleu, gleu, example = [], [], ""
+        cands: list[str] = []
+        refs: list[str] = []
         tok = self.samples.tokenizer
         for prompt, row in zip(self.samples.prompts, self.samples.rows):
             _, zs = self.samples.draw(prompt, generator)
             ref_text = row["z"].strip()
-            ref = (ref_text[:-1] if ref_text.endswith(".") else ref_text).split()
+            ref_sentence = ref_text[:-1] if ref_text.endswith(".") else ref_text
+            ref = ref_sentence.split()
             for z in zs:
                 text = tok.decode(z, skip_special_tokens=True).strip()
                 example = example or text
                 bleu.append(sentence_bleu4(ref, text.split()))
                 gleu.append(sentence_gleu(ref, text.split()))
+                cands.append(text)
+                refs.append(ref_sentence)
         out: dict[str, Any] = {
             "infill/bleu4": sum(bleu) / len(bleu),
             "infill/gleu": sum(gleu) / len(gleu),
             "infill/n_rows": len(self.samples.rows),
             "infill/example": example,
         }
+        if self.bertscore is not None:
+            f1 = self.bertscore.f1(cands, refs)
+            out["infill/bertscore"] = sum(f1) / len(f1)
+            out["infill/bertscore_model"] = f"{self.bertscore.name} layer {self.bertscore.layer}"
+            if self.bertscore.baseline is not None:  # rescaled: (F − b) / (1 − b)
+                out["infill/bertscore_baseline"] = self.bertscore.baseline
         out.update(self.samples.info("infill"))
         return out
 
