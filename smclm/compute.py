@@ -58,7 +58,8 @@ def _body(module: nn.Module) -> nn.Module:
 
 class CountedPotential:
     """A task's potential that counts the sequences it scores in its meter's
-    ``potential_sequences``: calls and the KV-cache path (``from_cache``, infilling) are counted;
+    ``potential_sequences``: calls, the KV-cache path (``from_cache``, infilling) and the prefix
+    path (``prefix_log_phi``, latent) are counted;
     every other attribute is the inner potential's (``for_prompt`` returns the inner one rebound,
     which the trainer watches again)."""
 
@@ -66,6 +67,8 @@ class CountedPotential:
         self.inner, self._meter = inner, meter
         if getattr(inner, "from_cache", None) is not None:
             self.from_cache = self._counted_from_cache
+        if getattr(inner, "prefix_log_phi", None) is not None:
+            self.prefix_log_phi = self._counted_prefix_log_phi
 
     def __call__(self, tokens: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         self._meter.step["potential_sequences"] += int(tokens.shape[0])
@@ -74,6 +77,14 @@ class CountedPotential:
     def _counted_from_cache(self, model: Any, ctx: Any, tokens: torch.Tensor, cond: Any) -> Any:
         self._meter.step["potential_sequences"] += int(tokens.shape[0])
         return self.inner.from_cache(model, ctx, tokens, cond)
+
+    def _counted_prefix_log_phi(
+        self, tokens: torch.Tensor, terminable: torch.Tensor, stop_ids: list[int]
+    ) -> Any:
+        got = self.inner.prefix_log_phi(tokens, terminable, stop_ids)
+        if got is not None:  # else the caller scores the sequences through __call__
+            self._meter.step["potential_sequences"] += int(terminable.sum()) * len(stop_ids)
+        return got
 
     def __getattr__(self, name: str) -> Any:  # only for attributes not set here
         if name == "inner":  # not set yet (unpickling): no recursion

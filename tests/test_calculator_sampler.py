@@ -294,6 +294,35 @@ def test_the_metered_potential_is_the_task_potential_for_everything_but_counting
     assert meter.end()["compute/potential_sequences"] == 1
 
 
+@pytest.mark.parametrize("reward_prompt", ["", "1 + 2 = 3. "])
+def test_prefix_rewards_with_the_tool_equal_scoring_every_prefix(
+    gpt2_dir, reward_prompt, monkeypatch
+):
+    """With the tool, modified SubTB's prefix rewards from one pass per sampled row
+    (LatentPotential.prefix_log_phi) equal the potential on each "prefix + stop" (1e-4), with
+    the states as GFlowNet takes them (no prefix followed by a forced token); GPT-2's absolute
+    positions, the reward prompt's second context."""
+    from smclm.methods.gfn import _prefix_log_phi
+    from smclm.tasks.latent import LatentPotential
+
+    world = world_for(gpt2_dir, f"task.reward_prompt='{reward_prompt}'")
+    task = world.task
+    res = run_smc(world.model, task.prompt_ids, T, task.bind(None), 16, ess_threshold=0.0,
+                  proposal="p0", generator=torch.Generator().manual_seed(1))  # fmt: skip
+    tokens = res.tokens
+    forced = task.tool.forced_targets(tokens)
+    assert (forced >= 0).any()  # the tool acted
+    state = torch.arange(T)[None]
+    terminable = (
+        (state < res.lengths[:, None]) & (forced < 0) & (state + 1 >= task.stopping.min_len)
+    )
+    got = task.potential.prefix_log_phi(tokens, terminable, list(task.stopping.stop_ids))
+    with monkeypatch.context() as m:
+        m.setattr(LatentPotential, "prefix_log_phi", lambda *a: None)
+        want = _prefix_log_phi(task, tokens, terminable, None)
+    assert got is not None and torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
 @pytest.mark.parametrize("method", ["sft", pytest.param("gfn", marks=pytest.mark.slow)])
 def test_training_on_every_row_with_the_tool_from_the_command_line(tmp_path, gpt2_dir, method):
     from conftest import run_smclm

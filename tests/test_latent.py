@@ -379,3 +379,44 @@ def test_sft_raises_the_policys_likelihood_of_the_demonstrations(rows_file, lr):
     else:
         assert after == pytest.approx(before)
     assert metrics["sft/prompts"] == 1.0  # only row 0 has a z
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        (),
+        ("task.tau=0.5", "task.allowed=thecatdgs", "task.penalty=-3"),
+        ("task.reward_prompt='the dog sat bad '", "task.tau=2"),
+        ("task.score_stop=true", "task.stop=[11,10]"),
+        ("task.reward_prompt='the dog sat bad '", "task.score_stop=true", "task.stop=[11,10]"),
+    ],
+    ids=["plain", "tempered+allowed", "reward_prompt", "score_stop+2stops", "all"],
+)
+def test_prefix_rewards_from_one_pass_equal_scoring_every_prefix(rows_file, extra, monkeypatch):
+    """LatentPotential.prefix_log_phi (one pass per row, Y for every prefix against its KV cache
+    under an attention mask) gives modified SubTB the log φ of every "prefix + stop" that
+    scoring each one through the potential gives (1e-4), on both rows' answers (one token and
+    two), in chunks of 2 rows (the cache copied between them) and of 64."""
+    from smclm.methods.gfn import _prefix_log_phi
+    from smclm.tasks.latent import LatentPotential
+
+    world = world_for(rows_file, "task.output_len=4", "task.prompt_index=all", *extra)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 10, (5, 4), generator=gen)  # no stop inside a prefix (10, 11)
+    terminable = torch.rand(5, 4, generator=gen) < 0.7
+    terminable[0] = True
+    stops = world.task.stopping.stop_ids
+    for prompt in world.task.train_prompts[:2]:  # answers "bad" and "mat ran"
+        task = world.task.for_prompt(prompt)
+        fast = {}
+        for size in (2, 64):
+            task.potential.batch_size = size
+            got = task.potential.prefix_log_phi(tokens, terminable, list(stops))
+            assert got is not None and got.shape == (5, 4, len(stops))
+            fast[size] = got
+        with monkeypatch.context() as m:
+            m.setattr(LatentPotential, "prefix_log_phi", lambda *a: None)
+            want = _prefix_log_phi(task, tokens, terminable, None)
+        for got in fast.values():
+            assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+        assert (want[~terminable] == 0).all() and (want[terminable] != 0).all()

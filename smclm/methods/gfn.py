@@ -921,7 +921,10 @@ def _lengths(task: Task, tokens: Tensor) -> Tensor | None:
 def _prefix_log_phi(task: Task, tokens: Tensor, terminable: Tensor, cond: Tensor | None) -> Tensor:
     """log φ(z_1:i v) [N, T, S] for every terminable state (n, i) (``terminable`` [N, T]) and
     stop v (0 elsewhere): the potential on the finished sequence "prefix + stop", in one
-    ``task.log_phi`` call (it groups the rows by length). Refuses φ = 0 (as the TB losses)."""
+    ``task.log_phi`` call (it groups the rows by length), or in the potential's own
+    ``prefix_log_phi(tokens, terminable, stop_ids)`` when it has one (``task=latent``: from one
+    pass per row instead of one per prefix) and returns a value. Refuses φ = 0 (as the TB
+    losses)."""
     stopping = task.stopping
     assert stopping is not None
     n, t_len = tokens.shape
@@ -930,6 +933,11 @@ def _prefix_log_phi(task: Task, tokens: Tensor, terminable: Tensor, cond: Tensor
     rows, states = terminable.nonzero(as_tuple=True)
     if rows.numel() == 0:
         return out
+    fast = getattr(task.potential, "prefix_log_phi", None) if cond is None else None
+    got = None if fast is None else fast(tokens, terminable, list(stopping.stop_ids))
+    if got is not None:
+        _refuse_zero_reward(got[terminable])
+        return got.to(out.device)
     pos = torch.arange(t_len, device=tokens.device)[None]
     i = states[:, None]
     seqs = []
@@ -939,14 +947,18 @@ def _prefix_log_phi(task: Task, tokens: Tensor, terminable: Tensor, cond: Tensor
     flat = torch.cat(seqs)  # [S·R, T]: stop by stop
     c = None if cond is None else cond.index_select(0, rows.to(cond.device)).repeat(s, 1)
     log_phi = task.log_phi(flat, c).to(out.device).view(s, -1)
+    _refuse_zero_reward(log_phi)
+    for k in range(s):
+        out[rows, states, k] = log_phi[k]
+    return out
+
+
+def _refuse_zero_reward(log_phi: Tensor) -> None:
     if torch.isneginf(log_phi).any() or torch.isnan(log_phi).any():
         raise UserError(
             "a prefix + stop has log phi = -inf (phi = 0): modified SubTB needs positive rewards "
             "for every terminable prefix; use a potential with a floor (task.epsilon > 0)"
         )
-    for k in range(s):
-        out[rows, states, k] = log_phi[k]
-    return out
 
 
 def _check_finite(log_r: Tensor) -> None:
