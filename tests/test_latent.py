@@ -387,10 +387,11 @@ def test_sft_raises_the_policys_likelihood_of_the_demonstrations(rows_file, lr):
         (),
         ("task.tau=0.5", "task.allowed=thecatdgs", "task.penalty=-3"),
         ("task.reward_prompt='the dog sat bad '", "task.tau=2"),
+        ("task.stop=[11,10]",),
         ("task.score_stop=true", "task.stop=[11,10]"),
         ("task.reward_prompt='the dog sat bad '", "task.score_stop=true", "task.stop=[11,10]"),
     ],
-    ids=["plain", "tempered+allowed", "reward_prompt", "score_stop+2stops", "all"],
+    ids=["plain", "tempered+allowed", "reward_prompt", "2stops", "score_stop+2stops", "all"],
 )
 def test_prefix_rewards_from_one_pass_equal_scoring_every_prefix(rows_file, extra, monkeypatch):
     """LatentPotential.prefix_log_phi (one pass per row, Y for every prefix against its KV cache

@@ -72,7 +72,9 @@ Losses (``loss``), all with the samples treated as fixed:
   ε_i,v² (``stop_choice_loss``), ε_i,v = [log q(v | z_1:i) − log q(⊤ | z_1:i)] − [log R(z_1:i v)
   − log R(z_1:i ⊤)] (identically 0 with one stop). Replayed sequences get their prefix rewards
   recomputed (one p₀ pass, φ on every "prefix + stop": Σ_n (ℓ_n − m + 1)·|⊤| potential rows per
-  update, in one ``task.log_phi`` call).
+  update, in one ``task.log_phi`` call, or in the potential's ``prefix_log_phi`` where it has one:
+  ``task=latent`` scores all prefixes of a row from one pass over it,
+  ``scripts/bench_gfn_prefix.py``).
 
 One update (B4.6), owned here (the trainer calls ``update``):
 

@@ -223,11 +223,11 @@ class LatentPotential:
         """log φ(z_1:i v) [N, T, S] of "prefix + stop" for every terminable state (n, i)
         (``terminable`` [N, T], i = 0..T−1 the prefix length) and stop v (0 elsewhere): the value
         :meth:`__call__` gives each such sequence (GFlowNet's modified SubTB scores every prefix),
-        with fewer passes: per row of ``tokens``, one pass over [C, X, z_1:T], then Y's tokens
-        for all its prefixes in one pass against that pass's KV cache, where the rows of prefix i
-        see C, X and z_1:i only (an attention mask over the cache, positions continuing from i);
-        with a policy context other than C, X, one more pass over [X, z_1:T]. None (the caller
-        scores each sequence) with the label check (``task.labels``)."""
+        with fewer passes: the reward context once, one pass over every row's z_1:T after it,
+        then Y's tokens for all prefixes against that pass's KV cache, where the rows of prefix
+        i see C, X and z_1:i only (an attention mask over the cache, positions continuing from
+        i); with a policy context other than C, X, one more pass over [X, z_1:T]. None (the
+        caller scores each sequence) with the label check (``task.labels``)."""
         if self.label_penalty is not None and self.row.others:
             return None
         dev = next(self.base.parameters()).device
@@ -236,88 +236,108 @@ class LatentPotential:
         stops = torch.tensor(stop_ids, dtype=torch.long, device=dev)
         ctx = self.row.context.to(dev)
         same_context = torch.equal(ctx.cpu(), self.prompt_ids.cpu())
-        forced = None if self.tool is None else self.tool.forced_targets(tokens)
-        for r in range(n):
-            states = terminable[r].nonzero().squeeze(1).to(dev)
-            if states.numel() == 0:
+        forced = None if self.tool is None else self.tool.forced_targets(tokens).to(dev)
+        reward_ctx = self._context_state(ctx)
+        policy_ctx = None if same_context else self._context_state(self.prompt_ids.to(dev))
+        group = max(1, self.batch_size // 4)  # rows per pass: [rows, T + 1, V] logits at once
+        for a in range(0, n, group):
+            rows = torch.arange(a, min(n, a + group), device=dev)
+            z = tokens[a : a + group].to(dev)
+            term = terminable[a : a + group].to(dev)
+            if not bool(term.any()):
                 continue
-            z = tokens[r].to(dev)
-            acting = None if forced is None else (forced[r] < 0).to(dev)
-            logits, cache = self._prefix_pass(ctx, z)
-            log_r = self._prefix_log_r(logits, cache, ctx.numel(), z, states, stops)  # [k, S]
-            if not same_context:
-                logits = self._prefix_pass(self.prompt_ids.to(dev), z)[0]
-            log_sm = logits.log_softmax(-1)
-            tok = log_sm[:-1].gather(-1, z[:, None]).squeeze(-1)
-            if acting is not None:  # the tool's tokens are not in p̃₀'s probability of Z
-                tok = tok.masked_fill(~acting, 0.0)
-            cum = torch.cat([tok.new_zeros(1), tok.cumsum(0)])
-            log_p_z = cum[states, None] + log_sm[states].index_select(-1, stops)  # z_1:i v | X
-            out[r, states.to(out.device)] = (log_r / self.tau - log_p_z).float().to(out.device)
+            logits, cache = self._prefix_pass(reward_ctx, z)
+            log_r = self._prefix_log_r(logits, cache, ctx.numel(), z, term, stops)  # [g, T, S]
+            if policy_ctx is not None:
+                logits = self._prefix_pass(policy_ctx, z)[0]
+            log_sm = logits.log_softmax(-1)  # [g, T + 1, V]
+            tok = log_sm[:, :-1].gather(-1, z[..., None]).squeeze(-1)
+            if forced is not None:  # the tool's tokens are not in p̃₀'s probability of Z
+                tok = tok.masked_fill(forced[rows] >= 0, 0.0)
+            cum = torch.cat([tok.new_zeros(z.shape[0], 1), tok.cumsum(1)], 1)
+            log_p_z = cum[:, :-1, None] + log_sm[:, :-1].index_select(-1, stops)  # z_1:i v | X
+            value = (log_r / self.tau - log_p_z).masked_fill(~term[..., None], 0.0)
+            out[a : a + group] = value.float().to(out.device)
         return out
 
-    def _prefix_pass(self, context: Tensor, z: Tensor) -> tuple[Tensor, Any]:
-        """The biased logits [T + 1, V] after each prefix z_1:i (i = 0..T) of [context, z], and
-        the KV cache of [context, z]."""
+    def _context_state(self, context: Tensor) -> tuple[Tensor, Any]:
+        """The last hidden state [1, d] of ``context`` [P] and its KV cache (one row)."""
         from smclm.models.cache import cache_kwargs, make_kv_cache
-        from smclm.models.twisted_lm import output_logits
 
         body = self.base.base_model
         cache = make_kv_cache()
-        ids = torch.cat([context, z])[None]
-        h = body(input_ids=ids, **cache_kwargs(body, cache)).last_hidden_state[0]
-        return output_logits(self.base, h[context.numel() - 1 :]), cache
+        h = body(input_ids=context[None], **cache_kwargs(body, cache)).last_hidden_state
+        return h[:, -1], cache
 
-    def _prefix_log_r(
-        self, logits: Tensor, cache: Any, p: int, z: Tensor, states: Tensor, stops: Tensor
-    ) -> Tensor:
-        """log R(z_1:i v) [k, S] for the k prefixes i in ``states``, from the reward context's
-        pass (``logits``, ``cache``; the context is p tokens) and one pass of Y per prefix."""
+    def _prefix_pass(self, context: tuple[Tensor, Any], z: Tensor) -> tuple[Tensor, Any]:
+        """The biased logits [g, T + 1, V] after each prefix z_1:i (i = 0..T) of every row of z
+        [g, T] after the context (:meth:`_context_state`), and the KV cache of [context, z]."""
         import copy
 
         from smclm.models.cache import cache_kwargs, reorder_cache
         from smclm.models.twisted_lm import output_logits
 
         body = self.base.base_model
-        t_len, s, k = z.numel(), stops.numel(), states.numel()
+        h_last, ctx_cache = context
+        cache = copy.deepcopy(ctx_cache)
+        reorder_cache(cache, torch.zeros(z.shape[0], dtype=torch.long, device=z.device))
+        h = body(input_ids=z, **cache_kwargs(body, cache)).last_hidden_state
+        h = torch.cat([h_last[:, None].expand(z.shape[0], -1, -1), h], dim=1)
+        return output_logits(self.base, h), cache
+
+    def _prefix_log_r(
+        self, logits: Tensor, cache: Any, p: int, z: Tensor, term: Tensor, stops: Tensor
+    ) -> Tensor:
+        """log R(z_1:i v) [g, T, S] at the terminable prefixes ``term`` [g, T] (0 elsewhere),
+        from the reward context's pass over z (``logits``, ``cache``; the context is p tokens)
+        and one pass of Y per prefix (per prefix and stop with ``task.score_stop``)."""
+        import copy
+
+        from smclm.models.cache import cache_kwargs, reorder_cache
+        from smclm.models.twisted_lm import output_logits
+
+        body = self.base.base_model
+        g, t_len = z.shape
+        s = stops.numel()
         log_sm = logits.log_softmax(-1)
-        tok = log_sm[:-1].gather(-1, z[:, None]).squeeze(-1)
-        cum = torch.cat([tok.new_zeros(1), tok.cumsum(0)])[states]  # log p̃₀(z_1:i | C, X)
+        tok = log_sm[:, :-1].gather(-1, z[..., None]).squeeze(-1)
+        cum = torch.cat([tok.new_zeros(g, 1), tok.cumsum(1)], 1)  # log p̃₀(z_1:i | C, X)
+        src, states = term.nonzero(as_tuple=True)
+        k = states.numel()
         bias = None if self.bias is None else self.bias.to(logits.device)
         y = self.row.answer.to(z.device)
         if self.score_stop:  # the stop is in Z' (biased), then all of Y after it: rows (i, v)
-            prefix = states.repeat_interleave(s)
-            head = log_sm[states].index_select(-1, stops).reshape(-1)
+            src, states = src.repeat_interleave(s), states.repeat_interleave(s)
+            head = log_sm[src, states].gather(-1, stops.repeat(k)[:, None]).squeeze(-1)
             feed = torch.cat([stops.repeat(k)[:, None], y[None, :-1].expand(k * s, -1)], 1)
             targets = y[None].expand(k * s, -1)
-        else:  # Y after z_1:i whatever the stop: its first token from the pass, rows i
-            prefix = states
-            raw = logits[states] if bias is None else logits[states] - bias
+        else:  # Y after z_1:i whatever the stop: its first token from the pass, rows (n, i)
+            raw = logits[src, states] if bias is None else logits[src, states] - bias
             head = raw.log_softmax(-1)[:, y[0]]
             feed = y[None, :-1].expand(k, -1)
             targets = y[None, 1:].expand(k, -1)
         rest = torch.zeros_like(head)
         width = feed.shape[1]
         keys = torch.arange(p + t_len + width, device=z.device)[None]
-        for a in range(0, prefix.numel() if width else 0, self.batch_size):
-            i = prefix[a : a + self.batch_size]
-            last = a + self.batch_size >= prefix.numel()
-            c = cache if last else copy.deepcopy(cache)
-            reorder_cache(c, torch.zeros(i.numel(), dtype=torch.long, device=z.device))
+        for a in range(0, src.numel() if width else 0, self.batch_size):
+            b = slice(a, a + self.batch_size)
+            i = states[b]
+            c = cache if a + self.batch_size >= src.numel() else copy.deepcopy(cache)
+            reorder_cache(c, src[b])
             seen = (keys < p + i[:, None]) | (keys >= p + t_len)  # C, X, z_1:i, and Y itself
             pos = p + i[:, None] + torch.arange(width, device=z.device)[None]
             h = body(
-                input_ids=feed[a : a + self.batch_size], attention_mask=seen.long(),
-                position_ids=pos, **cache_kwargs(body, c),
+                input_ids=feed[b], attention_mask=seen.long(), position_ids=pos,
+                **cache_kwargs(body, c),
             ).last_hidden_state  # fmt: skip
             lg = output_logits(self.base, h)
             lg = lg if bias is None else lg - bias  # Y unbiased
-            lp = lg.log_softmax(-1).gather(-1, targets[a : a + self.batch_size, :, None])
-            rest[a : a + self.batch_size] = lp.squeeze(-1).sum(1)
-        total = head + rest
-        if self.score_stop:
-            return cum[:, None] + total.view(k, s)
-        return (cum + total)[:, None].expand(-1, s)
+            rest[b] = lg.log_softmax(-1).gather(-1, targets[b, :, None]).squeeze(-1).sum(1)
+        total = (head + rest).view(-1, s) if self.score_stop else (head + rest)[:, None]
+        out = torch.zeros(g, t_len, s, device=logits.device)
+        first = torch.arange(0, src.numel(), s if self.score_stop else 1, device=z.device)
+        out[src[first], states[first]] = cum[src[first], states[first], None] + total
+        return out
 
     def answer_log_probs(self, zs: Tensor, answers: list[Tensor]) -> Tensor:
         """Raw log p₀ of each answer text (ids [L_a]) after [C, X, Z′] for rationales zs
