@@ -181,7 +181,8 @@ def arithmetic_gpt2_dir(tmp_path_factory):
 def test_arithmetic_accuracy_from_the_command_line(tmp_path, arithmetic_gpt2_dir):
     """evaluator=arithmetic on task=latent task.data=arithmetic: 10 samples per test row at
     temperature 0.1 from the run's sampler, majority vote, accuracy per operand count (a random
-    model: the numbers are what they are; the keys, counts and range are checked)."""
+    model: the numbers are what they are; the keys, counts and range are checked), one worked
+    row before each question (task.k_shot=1), which the example leaves out."""
     out = tmp_path / "run"
     res = run_smclm(
         "train",
@@ -194,6 +195,7 @@ def test_arithmetic_accuracy_from_the_command_line(tmp_path, arithmetic_gpt2_dir
         "task.output_len=6",
         "task.min_len=1",
         "task.prompt_index=all",
+        "task.k_shot=1",
         "task.answer_template='. The answer is {y}.'",
         "task.allowed=' ,.0123456789=+-'",
         "method=ctl",
@@ -210,7 +212,9 @@ def test_arithmetic_accuracy_from_the_command_line(tmp_path, arithmetic_gpt2_dir
     assert flat.get("arith/n_5op") == 3 and flat.get("arith/n") == 3, flat
     assert 0.0 <= flat["arith/acc_5op"] <= 1.0
     assert flat["arith/sampler"] == "twisted_smc" and flat["arith/n_samples"] == 3
-    assert flat["arith/example"].startswith("Question:")
+    # the first question and its sample, without the k-shot demonstration before it
+    assert flat["arith/example"].startswith("Question:"), flat["arith/example"]
+    assert flat["arith/example"].count("Question:") == 1, flat["arith/example"]
 
 
 def test_gfn_seeds_its_replay_buffer_with_the_labelled_rationales(rows_file):

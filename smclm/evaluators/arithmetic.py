@@ -146,5 +146,10 @@ class ArithmeticEvaluator:
         samples = [self.texts(p, generator) for p in self.samples.prompts]
         out: dict[str, Any] = dict(accuracy_by_operands(self.samples.rows, samples, self.missing))
         out.update(self.samples.info("arith"))
-        out["arith/example"] = samples[0][0] if samples and samples[0] else ""
+        example = samples[0][0] if samples and samples[0] else ""
+        if example:  # from the question's line on: k-shot demonstrations left out
+            tok = self.samples.tokenizer
+            head = tok.decode(self.samples.prompts[0].tolist(), skip_special_tokens=True)
+            example = example[example.rfind("\n", 0, len(head)) + 1 :]
+        out["arith/example"] = example
         return out
