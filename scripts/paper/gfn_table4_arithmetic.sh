@@ -37,8 +37,9 @@
 #          evaluation alike (`smclm eval run=` keeps the run's task settings): the paper's
 #          evaluation length (22 policy tokens + ≤ 8 of the tool), looser than its training cap
 #          (18 policy tokens).
-#   cpu    SmolLM2-135M offline (the experiment's model), ~1.5 h estimated on 2 idle cores (at
-#          most ~2 h): seeds 0, 1; 16 updates of 8 trajectories, evaluated after 0 and 16
+#   cpu    SmolLM2-135M offline (the experiment's model), ~1.5 h estimated on 2 idle cores;
+#          measured 2 h 11 min on 2 loaded cores (load ~3) at commit 69d1b85, before GFlowNet's
+#          one-pass prefix rewards (docs/results/gfn_table4_smollm2_cpu.md): seeds 0, 1; 16 updates of 8 trajectories, evaluated after 0 and 16
 #          updates on the first 15 test rows (5 per operand count; no separate final
 #          evaluation); τ_R's horizon 8 updates; task.output_len=44 (SmolLM2 writes every digit
 #          and blank as a token of its own: a 5-operand rationale with the tool's numbers takes
