@@ -20,7 +20,6 @@ encoder given by name or local directory; ``bert_score`` is not a dependency.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -145,7 +144,6 @@ class BertScorer:
                 p = float((sim.max(dim=1).values * cw).sum() / cw.sum())
                 r = float((sim.max(dim=0).values * rw).sum() / rw.sum())
                 f = 2 * p * r / (p + r) if p + r != 0 else 0.0
-                f = 0.0 if math.isnan(f) else f
             if self.baseline is not None:
                 f = (f - self.baseline) / (1.0 - self.baseline)
             scores.append(f)

@@ -113,6 +113,15 @@ class _Row:
     others: tuple[Tensor, ...] = ()  # task.labels: the other labels' answer ids (label check)
 
 
+def _cumulative(log_sm: Tensor, z: Tensor, skip: Tensor | None = None) -> Tensor:
+    """Σ_{j ≤ i} log p(z_j | ·) for i = 0..T [g, T + 1] from log_sm [g, T + 1, V] (position j
+    predicts z_j+1) of rows z [g, T]; ``skip`` [g, T] True: a step left out (a forced token)."""
+    tok = log_sm[:, :-1].gather(-1, z[..., None]).squeeze(-1)
+    if skip is not None:
+        tok = tok.masked_fill(skip, 0.0)
+    return torch.cat([tok.new_zeros(z.shape[0], 1), tok.cumsum(1)], 1)
+
+
 class LatentPotential:
     """log φ(Z) = (1/τ)·log R(Z) − log p̃₀(Z | X) on finished sequences Z (module docstring).
 
@@ -247,14 +256,12 @@ class LatentPotential:
             if not bool(term.any()):
                 continue
             logits, cache = self._prefix_pass(reward_ctx, z)
-            log_r = self._prefix_log_r(logits, cache, ctx.numel(), z, term, stops)  # [g, T, S]
-            if policy_ctx is not None:
-                logits = self._prefix_pass(policy_ctx, z)[0]
             log_sm = logits.log_softmax(-1)  # [g, T + 1, V]
-            tok = log_sm[:, :-1].gather(-1, z[..., None]).squeeze(-1)
-            if forced is not None:  # the tool's tokens are not in p̃₀'s probability of Z
-                tok = tok.masked_fill(forced[rows] >= 0, 0.0)
-            cum = torch.cat([tok.new_zeros(z.shape[0], 1), tok.cumsum(1)], 1)
+            log_r = self._prefix_log_r(log_sm, cache, ctx.numel(), z, term, stops)  # [g, T, S]
+            if policy_ctx is not None:
+                log_sm = self._prefix_pass(policy_ctx, z)[0].log_softmax(-1)
+            # the tool's tokens are not in p̃₀'s probability of Z
+            cum = _cumulative(log_sm, z, None if forced is None else forced[rows] >= 0)
             log_p_z = cum[:, :-1, None] + log_sm[:, :-1].index_select(-1, stops)  # z_1:i v | X
             value = (log_r / self.tau - log_p_z).masked_fill(~term[..., None], 0.0)
             out[a : a + group] = value.float().to(out.device)
@@ -286,11 +293,12 @@ class LatentPotential:
         return output_logits(self.base, h), cache
 
     def _prefix_log_r(
-        self, logits: Tensor, cache: Any, p: int, z: Tensor, term: Tensor, stops: Tensor
+        self, log_sm: Tensor, cache: Any, p: int, z: Tensor, term: Tensor, stops: Tensor
     ) -> Tensor:
         """log R(z_1:i v) [g, T, S] at the terminable prefixes ``term`` [g, T] (0 elsewhere),
-        from the reward context's pass over z (``logits``, ``cache``; the context is p tokens)
-        and one pass of Y per prefix (per prefix and stop with ``task.score_stop``)."""
+        from the reward context's pass over z (its biased log-softmax ``log_sm`` [g, T + 1, V]
+        and ``cache``; the context is p tokens) and one pass of Y per prefix (per prefix and
+        stop with ``task.score_stop``)."""
         import copy
 
         from smclm.models.cache import cache_kwargs, reorder_cache
@@ -299,12 +307,11 @@ class LatentPotential:
         body = self.base.base_model
         g, t_len = z.shape
         s = stops.numel()
-        log_sm = logits.log_softmax(-1)
-        tok = log_sm[:, :-1].gather(-1, z[..., None]).squeeze(-1)
-        cum = torch.cat([tok.new_zeros(g, 1), tok.cumsum(1)], 1)  # log p̃₀(z_1:i | C, X)
-        src, states = term.nonzero(as_tuple=True)
+        cum = _cumulative(log_sm, z)  # log p̃₀(z_1:i | C, X)
+        src0, states0 = term.nonzero(as_tuple=True)
+        src, states = src0, states0
         k = states.numel()
-        bias = None if self.bias is None else self.bias.to(logits.device)
+        bias = None if self.bias is None else self.bias.to(log_sm.device)
         y = self.row.answer.to(z.device)
         if self.score_stop:  # the stop is in Z' (biased), then all of Y after it: rows (i, v)
             src, states = src.repeat_interleave(s), states.repeat_interleave(s)
@@ -312,7 +319,8 @@ class LatentPotential:
             feed = torch.cat([stops.repeat(k)[:, None], y[None, :-1].expand(k * s, -1)], 1)
             targets = y[None].expand(k * s, -1)
         else:  # Y after z_1:i whatever the stop: its first token from the pass, rows (n, i)
-            raw = logits[src, states] if bias is None else logits[src, states] - bias
+            # unbiased: log-softmax is shift-invariant, so log_sm − bias renormalises like logits
+            raw = log_sm[src, states] if bias is None else log_sm[src, states] - bias
             head = raw.log_softmax(-1)[:, y[0]]
             feed = y[None, :-1].expand(k, -1)
             targets = y[None, 1:].expand(k, -1)
@@ -334,9 +342,8 @@ class LatentPotential:
             lg = lg if bias is None else lg - bias  # Y unbiased
             rest[b] = lg.log_softmax(-1).gather(-1, targets[b, :, None]).squeeze(-1).sum(1)
         total = (head + rest).view(-1, s) if self.score_stop else (head + rest)[:, None]
-        out = torch.zeros(g, t_len, s, device=logits.device)
-        first = torch.arange(0, src.numel(), s if self.score_stop else 1, device=z.device)
-        out[src[first], states[first]] = cum[src[first], states[first], None] + total
+        out = torch.zeros(g, t_len, s, device=log_sm.device)
+        out[src0, states0] = cum[src0, states0, None] + total
         return out
 
     def answer_log_probs(self, zs: Tensor, answers: list[Tensor]) -> Tensor:
