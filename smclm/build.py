@@ -352,7 +352,7 @@ def world_for(cfg: DictConfig, command_keys: tuple[str, ...]) -> tuple[World, Di
     from smclm.config import validate
 
     if not cfg.get("run"):
-        validate(cfg)
+        validate(cfg, training=False)
         return build_world(cfg), cfg, None
     ckpt = find_checkpoint(cfg.run, cfg.get("checkpoint"))
     run_cfg = OmegaConf.load(Path(cfg.run) / "config.yaml")
@@ -363,7 +363,7 @@ def world_for(cfg: DictConfig, command_keys: tuple[str, ...]) -> tuple[World, Di
     # sample (n=) and eval (evaluator.particles) choose their own particle counts: the run's
     # smc.n_particles stays, so that its training settings (method.particles_per_cond) validate
     run_cfg.smc.n_particles = run_particles
-    validate(run_cfg)
+    validate(run_cfg, training=False)
     world = build_world(run_cfg)
     load_params(ckpt, world.model.trainables())
     return world, run_cfg, ckpt

@@ -80,8 +80,11 @@ def _require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check values the sampler and trainer rely on; raise ConfigError with the fix."""
+def validate(cfg: DictConfig, *, training: bool = True) -> None:
+    """Check values the sampler and trainer rely on; raise ConfigError with the fix.
+
+    ``training=False`` (eval, sample, collect): a ``train`` section (an experiment's settings
+    for ``smclm train``) is not checked, since these commands do not read it."""
     check_ranges(cfg)  # first: it needs no torch (the CLI also runs it before importing torch)
     from smclm.methods import METHODS
     from smclm.smc.resampling import RESAMPLERS  # here: importing config.py needs no torch
@@ -117,7 +120,7 @@ def validate(cfg: DictConfig) -> None:
             isinstance(lr, (int, float)) and lr > 0,
             f"optimizer.lr={lr} must be a positive number (e.g. optimizer.lr=1e-4)",
         )
-    if "train" in cfg:
+    if training and "train" in cfg:
         tr = cfg.train
         _require(
             isinstance(tr.updates, int) and tr.updates >= 0,

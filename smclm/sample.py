@@ -74,7 +74,7 @@ def _conditioning(cfg: DictConfig, world: World, gen: torch.Generator) -> torch.
 
 
 def collect(cfg: DictConfig) -> None:
-    validate(cfg)
+    validate(cfg, training=False)
     world = build_world(cfg)
     pool = exact_pool(cfg, world)
     assert pool is not None

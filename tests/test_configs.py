@@ -284,3 +284,17 @@ def test_method_configs_name_the_registered_learners():
         else:
             assert cfg._target_ == METHODS[path.stem], path.stem
     assert sorted(METHODS) == sorted(p.stem for p in files if p.stem != "none")
+
+
+def test_eval_and_sample_take_an_experiment_without_its_train_section():
+    """An experiment sets train.* for `smclm train`; eval/sample of the configured model (no
+    run=) read none of it, so `smclm eval experiment=… method=none` is not refused as a
+    training config (it was: "smclm train needs a learner")."""
+    from smclm.config import validate
+
+    with initialize_config_module("smclm.configs", version_base="1.3"):
+        cfg = compose("eval", ["experiment=gfn_arithmetic", "method=none", "twist=none"])
+    assert cfg.train.updates == 2000  # the experiment's train section is in the composed config
+    validate(cfg, training=False)
+    with pytest.raises(ConfigError, match="needs a learner"):
+        validate(cfg)  # smclm train's check still refuses it

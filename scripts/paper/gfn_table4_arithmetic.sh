@@ -126,7 +126,7 @@ read -ra ks <<<"${KSHOTS[$PROFILE]}"
 if [[ ! -f "$OUT/runs/kshot/.done" ]]; then
   matching '^[+~]*(model|task|smc|evaluator|device|threads|seed)[.=]'  # what eval takes
   echo "== $NAME ($PROFILE): k-shot prompting of p₀, k ∈ {${ks[*]}}"
-  "$SMCLM" eval -m "experiment=$EXPERIMENT" '~train' method=none twist=none \
+  "$SMCLM" eval -m "experiment=$EXPERIMENT" method=none twist=none \
     evaluator.sampler=p0 "task.k_shot=$(IFS=,; echo "${ks[*]}")" "${DATA[@]}" "${MATCHED[@]}" \
     "${FINAL[@]}" "${RECORD[@]}" "hydra.sweep.dir=$OUT/runs/kshot" \
     'hydra.sweep.subdir=k${task.k_shot}_seed${seed}'
