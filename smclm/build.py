@@ -351,7 +351,10 @@ def world_for(cfg: DictConfig, command_keys: tuple[str, ...]) -> tuple[World, Di
     from smclm.checkpoint import find_checkpoint, load_params
     from smclm.config import validate
 
+    t_len = cfg.get("output_len")  # eval's output_len=: this T instead of the task's
     if not cfg.get("run"):
+        if t_len is not None:
+            cfg.task.output_len = t_len
         validate(cfg, training=False)
         return build_world(cfg), cfg, None
     ckpt = find_checkpoint(cfg.run, cfg.get("checkpoint"))
@@ -363,6 +366,8 @@ def world_for(cfg: DictConfig, command_keys: tuple[str, ...]) -> tuple[World, Di
     # sample (n=) and eval (evaluator.particles) choose their own particle counts: the run's
     # smc.n_particles stays, so that its training settings (method.particles_per_cond) validate
     run_cfg.smc.n_particles = run_particles
+    if t_len is not None:  # the twist and policy heads do not depend on T
+        run_cfg.task.output_len = t_len
     validate(run_cfg, training=False)
     world = build_world(run_cfg)
     load_params(ckpt, world.model.trainables())

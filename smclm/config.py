@@ -272,6 +272,12 @@ def check_ranges(cfg: DictConfig) -> None:
         threads == "auto" or _in_range(threads, "int>0"),
         f"threads={threads!r} must be auto or a positive integer (e.g. threads=4)",
     )
+    t_eval = cfg.get("output_len")  # smclm eval's
+    _require(
+        t_eval is None or _in_range(t_eval, "int>0"),
+        f"output_len={t_eval!r} must be null (the task's T) or a positive integer: the output "
+        "length to evaluate at (e.g. output_len=22)",
+    )
     particles = OmegaConf.select(cfg, "evaluator.particles", default=None)
     _require(
         particles is None

@@ -71,6 +71,26 @@ def test_eval_without_a_run_writes_exact_summary(tmp_path):
     assert abs(summary["kl/sigma_q_exact"] + summary["log_z/exact"]) < 1e-3
 
 
+def test_eval_of_a_run_at_another_output_len(tmp_path):
+    """`smclm eval run=… output_len=N` evaluates the trained twist at T = N (the paper's Table 4
+    evaluates longer than it trains); without it the run's T; a bad value is one line."""
+    run = tmp_path / "run"
+    args = ["method=ctl", "train.updates=1", "train.eval_every=1", "smc.n_particles=4"]
+    proc = smclm("train", *args, "task.output_len=2", "train.progress=false",
+                 f"hydra.run.dir={run}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    proc = smclm("eval", f"run={run}", "output_len=3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "output_len: 3" in (run / "eval" / "config.yaml").read_text()
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    # exact enumeration over the V³ outputs of the toy LM: log Z of T = 3, not of the run's T = 2
+    trained = json.loads((run / "summary.json").read_text())
+    assert summary["log_z/exact"] != trained["log_z/exact"]
+    proc = smclm("eval", f"run={run}", "output_len=0", cwd=tmp_path)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1
+    assert "output_len=0 must be null" in error_lines(proc)[0]
+
+
 def test_cfg_job_prints_the_composed_config():
     proc = smclm("train", "method=rl", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr

@@ -34,9 +34,9 @@
 #          k ∈ {0, 3, 5, 10, 20}. UNVERIFIED: the number of seeds behind the paper's table; SFT's
 #          and PPO's settings (not in the paper's code: the GFlowNet's LoRA and lr here).
 #          Differs: T = 30 tokens with the calculator's (smclm counts them) for training and
-#          evaluation alike (`smclm eval run=` keeps the run's task settings): the paper's
-#          evaluation length (22 policy tokens + ≤ 8 of the tool), looser than its training cap
-#          (18 policy tokens).
+#          evaluation alike: the paper's evaluation length (22 policy tokens + ≤ 8 of the tool),
+#          looser than its training cap (18 policy tokens, the tool's not counted, so no one T
+#          of smclm's is that cap; `smclm eval run=… output_len=N` could evaluate at another T).
 #   cpu    SmolLM2-135M offline (the experiment's model), ~1.5 h estimated on 2 idle cores;
 #          measured 2 h 11 min on 2 loaded cores (load ~3) at commit 69d1b85, before GFlowNet's
 #          one-pass prefix rewards (docs/results/gfn_table4_smollm2_cpu.md): seeds 0, 1; 16 updates of 8 trajectories, evaluated after 0 and 16
