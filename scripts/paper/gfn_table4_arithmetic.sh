@@ -37,21 +37,19 @@
 #          evaluation alike: the paper's evaluation length (22 policy tokens + ≤ 8 of the tool),
 #          looser than its training cap (18 policy tokens, the tool's not counted, so no one T
 #          of smclm's is that cap; `smclm eval run=… output_len=N` could evaluate at another T).
-#   cpu    SmolLM2-135M offline (the experiment's model), ~1.5 h estimated on 2 idle cores;
-#          measured 2 h 11 min on 2 loaded cores (load ~3) at commit 69d1b85, before GFlowNet's
-#          one-pass prefix rewards (docs/results/gfn_table4_smollm2_cpu.md): seeds 0, 1; 16 updates of 8 trajectories, evaluated after 0 and 16
+#   cpu    SmolLM2-135M offline (the experiment's model): measured 38 min on 2 cores with
+#          native bfloat16 (model.dtype=auto) at commit 7237f90, 2 h 11 min in float32 on 2
+#          loaded cores (load ~3) at 69d1b85, before GFlowNet's one-pass prefix rewards
+#          (docs/results/gfn_table4_smollm2_cpu.md): seeds 0, 1; 16 updates of 8 trajectories, evaluated after 0 and 16
 #          updates on the first 15 test rows (5 per operand count; no separate final
 #          evaluation); τ_R's horizon 8 updates; task.output_len=44 (SmolLM2 writes every digit
 #          and blank as a token of its own: a 5-operand rationale with the tool's numbers takes
 #          up to 43); GFlowNet's lr warm-up 2 updates (the paper's 20 is longer than the run);
 #          the CTL twist's lr 1e-3 (to move in so few updates, as the other cpu profiles; the
 #          LoRA policies keep the paper's 1e-4: at 1e-3 SFT and PPO wrote junk within 2–16
-#          updates); k ∈ {0, 3}. Measured pieces of it (2 cores, seconds): GFlowNet set-up 53
-#          and 51–62 per update (modified SubTB scores every prefix's reward), PPO 30–34 and SFT
-#          7 per update (at load ~2.5), CTL 10–16 per update (load ~3); one test question 1–9
-#          with a policy (9 when its samples run to T), 21 by twisted SMC with the untrained twist
-#          (idle); this script with method=sft seed=0 (one SFT run and the k-shot rows of one
-#          seed): 7 min 5 s at load ~2.
+#          updates); k ∈ {0, 3}. Median seconds per update in the bfloat16 run: GFlowNet 14–15,
+#          PPO 18–20, SFT 5–6, CTL 4–7 (in float32 before the one-pass prefix rewards: GFlowNet
+#          51–62, PPO 30–34, SFT 7, CTL 10–16).
 #   smoke  seconds, for tests (with tiny models passed as overrides): 2 updates, 4 trajectories,
 #          T = 12, 3 samples on 3 (final: 6) test rows, k ∈ {0, 3}.
 RESULT=gfn_table4
