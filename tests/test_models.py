@@ -229,3 +229,28 @@ def test_an_embedding_output_head_scores_each_token_by_its_output_embedding(tiny
     torch.testing.assert_close(twist.head(h), (h @ lin.weight.T + lin.bias) @ emb.T)
     with pytest.raises(ValueError, match="twist output"):
         build_twist("head", base, head="linear", output="logits")
+
+
+def test_the_output_head_runs_on_a_2d_input_for_a_sliced_3d_one():
+    """output_logits hands the head rows [n, d]: on a non-contiguous slice of positions [B, t, d]
+    a bfloat16 linear layer on the CPU runs as a batched matmul that copies the [V, d] weight once
+    per row (most of an infilling update's time on SmolLM2; scripts/bench_smc.py --sections
+    eval). The logits keep their shape and values, the architecture's transform included."""
+    from smclm.models.twisted_lm import output_logits
+
+    base = _arch("gemma2")  # soft-capped logits: the transform follows the reshaped head
+    h = torch.randn(3, 6, 32, generator=torch.Generator().manual_seed(0))[:, 2:4]
+    assert not h.is_contiguous()
+    seen = []
+    hook = base.get_output_embeddings().register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].dim())
+    )
+    with torch.no_grad():
+        got = output_logits(base, h)
+        want = output_logits(base, h.contiguous()[0])  # one row group, 2-D already
+    hook.remove()
+    assert seen == [2, 2]
+    assert got.shape == (3, 2, 12)
+    torch.testing.assert_close(got[0], want, atol=1e-6, rtol=0)
+    cap = base.config.final_logit_softcapping
+    assert got.abs().max() <= cap  # soft-capping applied after the head

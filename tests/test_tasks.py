@@ -138,7 +138,8 @@ def test_infilling_log_phi_holds_a_bounded_number_of_logits(toy_world, monkeypat
     whole_call, whole_cache = pot(s, o), pot.from_cache(model, context(), s, o)
     assert torch.allclose(whole_cache, whole_call, atol=1e-5)
     ctx, head, rows = context(), base.get_output_embeddings(), []
-    hook = head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    # the head sees [rows·c, d] (output_logits flattens the positions): rows per chunk
+    hook = head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0] // c))
     monkeypatch.setattr(tlm, "TOKEN_LOGITS_BUDGET", 2 * c * 12)  # two rows per chunk
     try:
         chunked_call, chunked_cache = pot(s, o), pot.from_cache(model, ctx, s, o)
