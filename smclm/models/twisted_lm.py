@@ -48,9 +48,10 @@ def output_logits(base: nn.Module, h: Tensor) -> Tensor:
     ``logits_scaling`` and Cohere's ``logit_scale``. :func:`check_output_head` refuses a model
     whose own logits this does not reproduce. A task's logit bias (:func:`set_logit_bias`) is
     added last: the task's base distribution p̃₀ ∝ exp(logits + b)."""
-    # The head on a 2-D input: given a non-contiguous 3-D view (a slice of positions), a
-    # bfloat16 linear layer on the CPU runs as a batched matmul that first copies the [V, d]
-    # weight once per row (measured: most of an infilling update's time on SmolLM2).
+    # The head on a 2-D input: given a non-contiguous 3-D view (a slice of positions), a linear
+    # layer on the CPU runs as a batched matmul that first copies the [V, d] weight once per row
+    # (measured on SmolLM2 infilling: most of an update's time in bfloat16, less in float32;
+    # docs/results/bench_smollm2_head_rows_cpu.md).
     x = base.get_output_embeddings()(h.reshape(-1, h.shape[-1])).float()
     x = x.view(*h.shape[:-1], x.shape[-1])
     scale = _config_number(base.config, "logit_scale")
