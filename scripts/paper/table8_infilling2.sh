@@ -13,8 +13,9 @@
 #          measured wall time and what the run shows): 2 seeds, 32 updates (exponential schedule:
 #          evaluations after 0, 2, 4, 8, 16, 32) of 40 rows (CTL 4 o × 10) at 10× the paper's
 #          learning rates (1e-3; PPO 3e-4), an MLP head on the frozen body scored against the
-#          LM's output embeddings (twist=mlp twist.output=embedding: 5x cheaper per update on
-#          SmolLM2 than the paper's V-wide output layer) instead of a trainable 135M-parameter copy,
+#          LM's output embeddings (twist=mlp twist.output=embedding: a CTL update costs 0.7× the
+#          paper's V-wide output layer's and 0.2× separate_mlp's on SmolLM2 in bfloat16,
+#          docs/results/bench_smollm2_head_rows_cpu.md) instead of a trainable 135M-parameter copy,
 #          PPO's policy an MLP head (method.policy=mlp_head) instead of a copy of the body; eval
 #          K = 8 on 8 o's with the twisted proposal only, G_q on 64 exact pairs
 #   smoke  seconds, for tests (with tiny models passed as overrides)
