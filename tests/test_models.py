@@ -233,9 +233,10 @@ def test_an_embedding_output_head_scores_each_token_by_its_output_embedding(tiny
 
 def test_the_output_head_runs_on_a_2d_input_for_a_sliced_3d_one():
     """output_logits hands the head rows [n, d]: on a non-contiguous slice of positions [B, t, d]
-    a bfloat16 linear layer on the CPU runs as a batched matmul that copies the [V, d] weight once
-    per row (most of an infilling update's time on SmolLM2; scripts/bench_smc.py --sections
-    eval). The logits keep their shape and values, the architecture's transform included."""
+    a linear layer on the CPU runs as a batched matmul that copies the [V, d] weight once per row
+    (most of a bfloat16 infilling update's time on SmolLM2, less in float32; scripts/bench_smc.py
+    --sections eval). The logits keep their shape and values, the architecture's transform
+    included."""
     from smclm.models.twisted_lm import output_logits
 
     base = _arch("gemma2")  # soft-capped logits: the transform follows the reshaped head
