@@ -391,6 +391,47 @@ def test_batched_bounds_equal_the_per_sample_loop_on_a_conditional_gpt_neo(tiny_
     _check_batched_vs_looped(batched, looped, log_z)
 
 
+def test_one_call_runs_sis_smc_and_conditional_smc_runs_each_as_its_kind(world):
+    """Runs of three kinds in one sampler call (per-run ess_threshold, a −1 pin row for the
+    unpinned ones): the SIS run never resamples, the SMC and cSMC runs resample at every t < T,
+    and only the cSMC run's slot 0 carries its pinned sample."""
+    model, task, _ = world
+    o = torch.tensor([[OS[0]], [OS[1]], [OS[2]]]).repeat_interleave(K, dim=0)
+    pin = torch.tensor([5, 6, 7])
+    pinned = torch.stack([torch.full((T,), -1), torch.full((T,), -1), pin])
+    res = run_smc(
+        model, PROMPT, T, task.bind(o), K, cond=o, n_runs=3, ess_threshold=[0.0, 1.0, 1.0],
+        pinned=pinned, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    for info in res.infos[:-1]:
+        assert info.resampled_runs == (False, True, True)
+    assert torch.equal(res.tokens[2 * K], pin)
+    unpinned = res.tokens[[0, K]]
+    assert not (unpinned == -1).any()
+    with pytest.raises(ValueError, match="one per run"):
+        run_smc(model, PROMPT, T, task.bind(o), K, cond=o, n_runs=3, ess_threshold=[0.0, 1.0])
+    half = torch.stack([torch.tensor([5, -1, 7]), pin, pin])
+    with pytest.raises(ValueError, match="all −1 for an unpinned run"):
+        run_smc(model, PROMPT, T, task.bind(o), K, cond=o, n_runs=3, pinned=half)
+
+
+def test_exact_sample_terms_through_the_cache_equal_the_teacher_forced_pass(tiny_lm_dirs):
+    """Infilling's exact-sample log-weights (twisted proposal) computed the sampler's way (the
+    prompt once, cached steps, φ from the KV cache) equal exact_sample_log_weights' teacher-forced
+    pass and separate φ pass, on a GPT-Neo of the real architecture (float32)."""
+    from smclm.models.loading import load_base_model
+
+    base, _ = load_base_model(tiny_lm_dirs["gpt_neo"])
+    model, task = _cond_model(base, scale=0.3), _infilling(base, 3, 2)
+    s, o = task.sample_joint(model, 12, torch.Generator().manual_seed(5))
+    assert bounds_mod._forced_through_cache(model, task, s, o) is not None  # the path taken
+    terms = bounds_mod._exact_sample_terms(model, task, s, o)
+    full = bounds_mod.exact_sample_log_weights(model, task, s, cond=o)
+    assert torch.allclose(terms["twist"], full, atol=1e-4), (terms["twist"] - full).abs().max()
+    phi = task.log_phi(s, o).double()
+    assert torch.allclose(terms["p0"], phi, atol=1e-4)
+
+
 # -- one sampler call per sweep (compute counters) -----------------------------------------------
 
 
@@ -439,7 +480,12 @@ def test_infilling_ctl_makes_one_sampler_call_per_sweep(toy_world, monkeypatch):
     assert calls == [t_len + 2, t_len + 2]
 
 
-def test_bounds_make_one_sampler_call_per_sweep_for_20_exact_samples(toy_world, monkeypatch):
+def test_bounds_make_one_sampler_call_for_the_three_sweeps_of_20_exact_samples(
+    toy_world, monkeypatch
+):
+    """The 20 SIS runs, 20 SMC runs and 20 cSMC runs of one K (each with its o) go through the
+    sampler as one call of 60 runs with their own resampling thresholds and pins: T + 2 base
+    passes in all, not 3 · (T + 2) (one call per kind) or 60 · (T + 2)."""
     batch, meter = _infilling_batch(toy_world, n_o=20, per_o=1)
     calls = _spy(monkeypatch, bounds_mod, meter)
     meter.begin()
@@ -448,4 +494,4 @@ def test_bounds_make_one_sampler_call_per_sweep_for_20_exact_samples(toy_world, 
                     generator=batch.generator, proposals=("twist",), cond=o)  # fmt: skip
     meter.end()
     t_len = batch.task.output_len
-    assert calls == [t_len + 2] * 3  # SIS, SMC lower, cSMC upper: all 20 runs in each
+    assert calls == [t_len + 2]  # SIS, SMC lower and cSMC upper runs together

@@ -11,8 +11,10 @@ and each of the first ``n_exact`` exact target samples σ^i:
 * SMC upper bound: log Ẑ of conditional SMC with particle 1 pinned to σ^i (for K = 1 this is
   the weight of σ^i itself, which is what the cSMC recursion gives with a single particle).
 
-The n_exact runs of each kind (SIS, SMC, cSMC) for a K go through the sampler as batched runs
-(one call, or chunks of at most ``max_batch_particles`` rows), not one call per exact sample.
+The n_exact runs of every kind (SIS, SMC, cSMC) for a K go through the sampler together, as
+batched runs with their own resampling thresholds and pins (one call, or chunks of at most
+``max_batch_particles`` rows): one prompt pass, one forward per step and one φ call for all
+three kinds, not one call per kind or per exact sample.
 
 Each bound is averaged over the n_exact repetitions; ``_se`` keys are standard errors of those
 means (sample sd with ddof=1 over √n; NaN when n_exact = 1). A lower bound is below log Z in
@@ -134,15 +136,21 @@ def _exact_sample_terms(
 ) -> dict[str, Tensor]:
     """Fixed-length tasks: log σ̃ − log q of the exact samples for both proposals from one
     teacher-forced pass and one φ call: {"twist": log p₀ + log φ − log q, "p0": log φ}
-    (float64 [M], CPU), equal to :func:`exact_sample_log_weights` for each proposal."""
+    (float64 [M], CPU), equal to :func:`exact_sample_log_weights` for each proposal (up to
+    floating-point rounding where :func:`_forced_through_cache` computes them)."""
     twist, p0 = [], []
     dev = model.device
     for i in range(0, samples.shape[0], batch_size):
         chunk = samples[i : i + batch_size].to(dev)
         c = None if cond is None else cond[i : i + batch_size].to(dev)
-        lp = model.sequence_log_probs(task.prompt_ids, chunk, c, proposal="twist")
-        log_phi = task.log_phi(chunk, c).double()
-        twist.append((lp["log_p0"].double().sum(1) + log_phi - lp["log_q"].double().sum(1)).cpu())
+        forced = _forced_through_cache(model, task, chunk, c)
+        if forced is not None:
+            log_p0, log_q, log_phi = forced
+        else:
+            lp = model.sequence_log_probs(task.prompt_ids, chunk, c, proposal="twist")
+            log_p0, log_q = lp["log_p0"].double().sum(1), lp["log_q"].double().sum(1)
+            log_phi = task.log_phi(chunk, c).double()
+        twist.append((log_p0 + log_phi - log_q).cpu())
         # the p₀ proposal (log q = log p₀; with a policy too: "p0" means p₀ itself)
         p0.append(log_phi.cpu())
     empty = torch.zeros(0, dtype=torch.float64)
@@ -150,6 +158,36 @@ def _exact_sample_terms(
         "twist": torch.cat(twist) if twist else empty,
         "p0": torch.cat(p0) if p0 else empty,
     }
+
+
+def _forced_through_cache(
+    model: TwistedLM, task: Task, samples: Tensor, cond: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(log p₀(s), log q(s), log φ(s)) [N] float64 of samples [N, T] through the sampler's own
+    path (the prompt once, one cached step per token, each sample's tokens forced) when the
+    potential reads the KV cache (infilling: log p₀(o | prompt, s) from the cache of
+    [prompt, s_1:T−1], one forward of c tokens, instead of a pass over [prompt, s, o_<c]);
+    None otherwise (a policy or a tool: the teacher-forced pass)."""
+    if model.policy is not None or model.tool is not None or cond is None:
+        return None
+    if getattr(task.potential, "from_cache", None) is None:
+        return None
+    bound = task.bind(cond)
+    n, t_len = samples.shape
+    ctx, dists = model.start(task.prompt_ids, n, cond)
+    log_p0 = torch.zeros(n, dtype=torch.float64, device=samples.device)
+    log_q = log_p0.clone()
+    for t in range(t_len):
+        s_t = samples[:, t : t + 1]
+        logits = dists.log_p0 if dists.log_psi is None else dists.log_p0 + dists.log_psi
+        log_p0 += dists.log_p0.gather(1, s_t).squeeze(1).double()
+        log_q += torch.log_softmax(logits, dim=-1).gather(1, s_t).squeeze(1).double()
+        if t < t_len - 1:
+            dists = model.advance(ctx, s_t[:, 0])
+    log_phi = bound.from_cache(model, ctx, samples)
+    if log_phi is None:  # the potential declined (another base model): its own pass
+        log_phi = task.log_phi(samples, cond)
+    return log_p0, log_q, log_phi.double()
 
 
 def _chunks(n_runs: int, k: int, max_batch: int, runs_per_call: int | None) -> list[range]:
@@ -243,6 +281,60 @@ def smc_log_z_hats(
     return torch.cat(out)
 
 
+def _bound_sweep(
+    model: TwistedLM,
+    task: Task,
+    k: int,
+    n_runs: int,
+    cond_rows: Tensor | None,
+    pins: Tensor | None,
+    *,
+    proposal: str,
+    resampling: str,
+    generator: torch.Generator,
+    max_batch: int,
+    on_chunk=None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The SIS, SMC and (``pins`` [n_runs, T], K ≥ 2) conditional SMC runs of the bounds, n_runs
+    of each kind, as batched runs of K particles in sampler calls of at most max(max_batch, K)
+    particles: run j of a kind uses cond row j and, for cSMC, pins[j]. Returns the SIS final
+    log-weights [n_runs, K] and the SMC and cSMC log Ẑ [n_runs] (float64, CPU; None for a kind
+    not run: cSMC when pins is None)."""
+    kinds = ["sis", "smc"] + (["csmc"] if pins is not None else [])
+    specs = [(kind, j) for kind in kinds for j in range(n_runs)]
+    threshold = {"sis": 0.0, "smc": 1.0, "csmc": 1.0}
+    sis = torch.zeros(n_runs, k, dtype=torch.float64)
+    log_z = {kind: torch.zeros(n_runs, dtype=torch.float64) for kind in kinds[1:]}
+    dev = model.device
+    for chunk in _chunks(len(specs), k, max_batch, None):
+        part = [specs[i] for i in chunk]
+        rows = torch.tensor([j for _, j in part])
+        c = None
+        if cond_rows is not None:
+            c = cond_rows.index_select(0, rows).repeat_interleave(k, dim=0).to(dev)
+        pinned = None
+        if any(kind == "csmc" for kind, _ in part):
+            assert pins is not None
+            pinned = torch.stack(
+                [pins[j] if kind == "csmc" else torch.full_like(pins[j], -1) for kind, j in part]
+            ).to(dev)
+        res = run_smc(
+            model, task.prompt_ids, task.output_len, task.bind(c), k,
+            cond=c, pinned=pinned, n_runs=len(part), proposal=proposal, resampling=resampling,
+            ess_threshold=[threshold[kind] for kind, _ in part], generator=generator,
+        )  # fmt: skip
+        log_w = res.log_w.double().cpu().view(len(part), k)
+        hats = res.log_z_hats.double().cpu()
+        for g, (kind, j) in enumerate(part):
+            if kind == "sis":
+                sis[j] = log_w[g]
+            else:
+                log_z[kind][j] = hats[g]
+        if on_chunk is not None:
+            on_chunk(sum(kind != "sis" for kind, _ in part))
+    return sis, log_z.get("smc"), log_z.get("csmc")
+
+
 def _replace_first(log_w: Tensor, value: Tensor) -> Tensor:
     x = log_w.double().cpu().clone()
     x[0] = value
@@ -272,11 +364,12 @@ def evaluate_bounds(
 
     See the module docstring for the protocol and the metric keys. ``max_batch_particles``: the
     most particles (rows) per sampler call: the n_exact independent SIS runs, SMC runs and
-    conditional SMC runs of a K are each batched into as few calls as fit (a single run of K
+    conditional SMC runs of a K are batched together into as few calls as fit (a single run of K
     particles when K alone exceeds it), which bounds the memory (KV caches, [rows, V] logits).
-    ``smc_runs_per_call=1`` runs the SMC/cSMC bounds one exact sample at a time (the loop before
-    batching; for benchmarks). ``smc=False`` skips the SMC/cSMC bounds (a learned policy without twists: SMC with ψ ≡ 1
-    would resample towards p₀, not towards σ).
+    ``smc_runs_per_call=1`` runs the SMC/cSMC bounds one exact sample at a time and each kind
+    in its own calls (the loop before batching; for benchmarks and tests). ``smc=False`` skips
+    the SMC/cSMC bounds (a learned policy without twists: SMC with ψ ≡ 1 would resample towards
+    p₀, not towards σ).
     """
     names = BOUND_NAMES if smc else ("lower_sis", "upper_sis")
     ks = sorted({int(k) for k in particles})
@@ -336,25 +429,42 @@ def evaluate_bounds(
             )
         for k in ks:
             per_bound: dict[str, list[float]] = {}
-            # The n_exact SIS runs, SMC runs and cSMC runs of this K: each in batched calls.
-            sis_log_w = _sis_log_weights(
-                model,
-                task,
-                k,
-                n_exact,
-                cond_rows,
-                proposal,
-                resampling,
-                generator,
-                max_batch_particles,
-            )  # [n_exact, K]
+            merged = None
+            if smc and smc_runs_per_call is None:
+                # The n_exact SIS, SMC and cSMC runs of this K together, in batched calls.
+                merged = _bound_sweep(
+                    model, task, k, n_exact, cond_rows, pins if k > 1 else None,
+                    proposal=proposal, resampling=resampling, generator=generator,
+                    max_batch=max_batch_particles, on_chunk=bar.update,
+                )  # fmt: skip
+                sis_log_w = merged[0]
+            else:  # the SIS runs (and below the SMC and cSMC runs), each kind in its own calls
+                sis_log_w = _sis_log_weights(
+                    model,
+                    task,
+                    k,
+                    n_exact,
+                    cond_rows,
+                    proposal,
+                    resampling,
+                    generator,
+                    max_batch_particles,
+                )  # [n_exact, K]
             if not smc:
                 bar.update(1)
             per_bound["lower_sis"] = [log_mean_exp(sis_log_w[i]) for i in range(n_exact)]
             per_bound["upper_sis"] = [
                 log_mean_exp(_replace_first(sis_log_w[i], sigma_log_w[i])) for i in range(n_exact)
             ]
-            if smc:
+            if merged is not None:
+                lower, upper = merged[1], merged[2]
+                assert lower is not None
+                if upper is None:  # K = 1: cSMC's Ẑ is the pinned sample's own weight
+                    upper = sigma_log_w.double()
+                    bar.update(n_exact)
+                per_bound["lower_smc"] = lower.tolist()
+                per_bound["upper_smc"] = upper.tolist()
+            elif smc:
                 smc_args: dict = dict(
                     cond_rows=cond_rows,
                     proposal=proposal,

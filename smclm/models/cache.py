@@ -419,3 +419,20 @@ def reorder_cache(cache: Any, ancestors: Tensor) -> None:
         # Advanced indexing on the right makes a copy first, so overlapping src/dst is safe.
         layer.keys[rows.dst] = layer.keys[rows.src]
         layer.values[rows.dst] = layer.values[rows.src]
+
+
+@torch.no_grad()
+def prompt_shared_hidden(body: Any, prompt_ids: Tensor, rest: Tensor) -> Tensor:
+    """Last hidden states [N, P+L, d] of a frozen body over [prompt, rest_i] for N rows rest
+    [N, L] that share the prompt [P]: the prompt goes through the body once, the rows continue
+    from its KV cache (expanded to N), so a row costs L positions instead of P+L. Equal, up to
+    floating-point rounding, to the body over the concatenated ids."""
+    n = rest.shape[0]
+    cache = make_kv_cache()
+    kw = cache_kwargs(body, cache)
+    h = body(input_ids=prompt_ids.to(rest.device)[None], **kw).last_hidden_state
+    h = h.expand(n, -1, -1)
+    if rest.shape[1] == 0:
+        return h
+    reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=rest.device))
+    return torch.cat([h, body(input_ids=rest, **kw).last_hidden_state], dim=1)

@@ -141,6 +141,25 @@ def _concat_cond(h: Tensor, cond_h: Tensor | None) -> Tensor:
     return torch.cat([h.to(cond_h.dtype), cond_h], dim=-1)
 
 
+def _first_step_head(head: Head, h: Tensor, n: int, cond_h: Tensor | None, cond: Tensor | None):
+    """log ψ_1 [n, V] from the prompt's last hidden state h [1, d]: every particle shares it, so
+    the head runs once, or once per distinct conditioning row (the particles of one SMC run
+    share their o), not once per particle."""
+    if cond_h is None or cond is None:
+        return head(h).expand(n, -1)
+    uniq, first = _distinct_rows(cond)
+    x = _concat_cond(h.expand(len(first), -1), cond_h.index_select(0, first))
+    return head(x).index_select(0, uniq)
+
+
+def _distinct_rows(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(inverse [N], first [U]): row i of ids [N, c] equals row first[inverse[i]]."""
+    _, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), ids.shape[0], device=ids.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(ids.shape[0], device=ids.device), "amin")
+    return inverse, first
+
+
 def _last_hidden(body: nn.Module, ids: Tensor) -> Tensor:
     """Final hidden state at the last position of ``ids`` [N, c] → [N, d]. Equal rows (the
     particles of one SMC run share their o) go through the body once."""
@@ -173,8 +192,7 @@ class HeadTwist(nn.Module):
 
     def begin(self, prompt_ids: Tensor, base_hidden: Tensor, n: int, cond: Tensor | None):
         state = TwistState(cond_h=self.encode_cond(cond))
-        h = base_hidden[:, -1].expand(n, -1)
-        return state, self.head(_concat_cond(h, state.cond_h))
+        return state, _first_step_head(self.head, base_hidden[:, -1], n, state.cond_h, cond)
 
     def advance(self, state: TwistState, tokens: Tensor, base_hidden: Tensor) -> Tensor:
         return self.head(_concat_cond(base_hidden[:, -1], state.cond_h))
@@ -211,8 +229,8 @@ class SeparateTwist(nn.Module):
         out = self.body(input_ids=prompt_ids, **cache_kwargs(self.body, cache))
         reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=prompt_ids.device))
         state = TwistState(cond_h=self.encode_cond(cond), cache=cache)
-        h = out.last_hidden_state[:, -1].expand(n, -1)
-        return state, self.head(_concat_cond(h, state.cond_h))
+        h = out.last_hidden_state[:, -1]
+        return state, _first_step_head(self.head, h, n, state.cond_h, cond)
 
     def advance(self, state: TwistState, tokens: Tensor, base_hidden: Tensor) -> Tensor:
         out = self.body(input_ids=tokens[:, None], **cache_kwargs(self.body, state.cache))

@@ -365,12 +365,15 @@ class TwistedLM(nn.Module):
     def base_pass(self, prompt_ids: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, int]:
         """The frozen base over [prompt, s_1..s_{T-1}] for tokens [N, T], without gradients:
         (input ids [N, P+T-1], hidden states [N, P+T-1, d], start = P-1, the position of s_1's
-        logits)."""
-        n = tokens.shape[0]
-        ids = torch.cat([prompt_ids.to(tokens.device)[None].expand(n, -1), tokens[:, :-1]], dim=1)
-        with torch.no_grad():
-            h = self.body(input_ids=ids).last_hidden_state
-        return ids, h, prompt_ids.numel() - 1
+        logits). The prompt, shared by every row, goes through the body once; the N rows
+        continue from its KV cache (as the sampler's do), so a row costs T-1 positions, not
+        P+T-1."""
+        from smclm.models.cache import prompt_shared_hidden
+
+        prompt = prompt_ids.to(tokens.device)
+        ids = torch.cat([prompt[None].expand(tokens.shape[0], -1), tokens[:, :-1]], dim=1)
+        h = prompt_shared_hidden(self.body, prompt, tokens[:, :-1])
+        return ids, h, prompt.numel() - 1
 
     def full_pass(
         self, prompt_ids: Tensor, tokens: Tensor, cond: Tensor | None = None

@@ -20,7 +20,9 @@ as one batch of G·K rows; run g owns rows [g·K, (g+1)·K). Weights, ESS, the r
 (with ESS-adaptive resampling some runs resample at a step and others do not), the ancestors
 (always drawn within the run's own rows), log Ẑ and the per-step info are per run; the runs
 may differ in their conditioning (``cond`` has one row per particle), their pinned sample
-(``pinned`` [G, T]: slot 0 of each run) and so their potential's inputs. Every cache (base,
+(``pinned`` [G, T]: slot 0 of each run; a row of −1 leaves that run unpinned), their resampling
+threshold (``ess_threshold`` one per run: SIS, SMC and conditional SMC runs in one call, as the
+bounds evaluator makes them) and so their potential's inputs. Every cache (base,
 separate twist, policy) is reordered once per step for all runs together. A single run is the
 case G = 1 (one code path): with the same generator it draws exactly what it drew before runs
 were batched.
@@ -61,7 +63,7 @@ at N = 256), so it is not used.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -307,13 +309,14 @@ def step(
     *,
     proposal: str = "twist",
     resampling: str = "multinomial",
-    ess_threshold: float = 1.0,
+    ess_threshold: float | Sequence[float] = 1.0,
     pinned: Tensor | None = None,
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
 ) -> SMCState:
     """Propose s_t, weight, maybe resample (run by run), and advance the caches. Returns the new
-    state. pinned: conditional SMC, [T] (one run) or [G, T] (slot 0 of each run).
+    state. pinned: conditional SMC, [T] (one run) or [G, T] (slot 0 of each run; a row of −1:
+    that run is not pinned). ess_threshold: one for all runs, or one per run.
 
     temperature ≠ 1 draws from q^(1/τ) (renormalised) and weights by that tempered proposal, so
     the weights stay valid importance weights (GFlowNet exploration; never used for evaluation).
@@ -341,8 +344,13 @@ def step(
     if temperature != 1.0:
         log_q_all = F.log_softmax(log_q_all / temperature, dim=-1)
     s_t = sample_categorical(log_q_all, generator)
+    pins = None if pinned is None else _pinned_runs(pinned, g)
     if pinned is not None:
-        s_t[::k] = pinned.view(g, -1)[:, t - 1]  # slot 0 of every run
+        forced = pinned.view(g, -1)[:, t - 1]
+        if pins is True:
+            s_t[::k] = forced  # slot 0 of every run
+        else:  # slot 0 of the pinned runs only
+            s_t[::k] = torch.where(forced >= 0, forced, s_t[::k])
     finished = None
     if stop is None:
         idx = s_t[:, None]
@@ -374,14 +382,17 @@ def step(
     # A run whose particles have all finished has its final weights: it does not resample.
     live = [f < k for f in n_fin] if finished is not None else [True] * g
     done = finished is not None and not any(live)
+    thresholds = _per_run(ess_threshold, g)
     do = tuple(
-        t < output_len and a and _should_resample(e, k, ess_threshold) for e, a in zip(w_ess, live)
+        t < output_len and a and _should_resample(e, k, h)
+        for e, a, h in zip(w_ess, live, thresholds)
     )
     n_unique = [k] * g
     resampled = any(do)
     if resampled:
         checked = all(p for p, d in zip(positive, do) if d)
-        anc = _ancestors(log_w.view(g, k), do, resampling, pinned is not None, generator, checked)
+        conditional = False if pins is None else pins
+        anc = _ancestors(log_w.view(g, k), do, resampling, conditional, generator, checked)
         # Every survivor goes to its own slot (so the pinned particle 0 of a run stays in its
         # slot 0, and a run that does not resample keeps all its rows); the rows that change
         # are passed on to the cache reordering. The empty slots and the extra copies of a run
@@ -487,19 +498,63 @@ def _phi_of_rows(log_phi: Callable[[Tensor], Tensor], tokens: Tensor, rows: Tens
     return fn(tokens.index_select(0, rows))
 
 
+def _per_run(threshold: float | Sequence[float], g: int) -> tuple[float, ...]:
+    """The resampling threshold of each of the g runs (one for all, or one per run)."""
+    if isinstance(threshold, (int, float)):
+        return (float(threshold),) * g
+    out = tuple(float(h) for h in threshold)
+    if len(out) != g:
+        raise ValueError(f"ess_threshold has {len(out)} values for {g} runs; give one per run")
+    return out
+
+
+def _pinned_runs(pinned: Tensor, g: int) -> bool | Tensor:
+    """True when every run is pinned, else a bool [G]: which runs are (rows of −1 are not)."""
+    mask = pinned.view(g, -1)[:, 0] >= 0
+    return True if bool(mask.all()) else mask
+
+
 def _ancestors(
     log_w: Tensor,
     do: tuple[bool, ...],
     resampling: str,
-    conditional: bool,
+    conditional: bool | Tensor,
     generator: torch.Generator | None,
     checked: bool = False,
 ) -> Tensor:
     """Global ancestor indices [G·K] for log-weights [G, K]: runs with ``do[g]`` draw theirs
     from their own weights (conditional SMC: slot 0 keeps its lineage, multinomial for the
-    K − 1 others); the other runs keep every row (identity). ``checked``: the weights of every
-    resampling run are finite with positive normalised weights (``_weight_stats``), so the
+    K − 1 others); the other runs keep every row (identity). ``conditional``: for every run, or
+    a bool [G] per run (conditional and ordinary runs in one call). ``checked``: the weights of
+    every resampling run are finite with positive normalised weights (``_weight_stats``), so the
     resampler may skip its checks (the same draws)."""
+    g, k = log_w.shape
+    if isinstance(conditional, Tensor):
+        local = torch.empty(g, k, dtype=torch.long, device=log_w.device)
+        for flag in (True, False):
+            runs = (conditional == flag).nonzero().view(-1).to(log_w.device)
+            if runs.numel():
+                local[runs] = _local_ancestors(
+                    log_w.index_select(0, runs), resampling, flag, generator, checked
+                )
+    else:
+        local = _local_ancestors(log_w, resampling, conditional, generator, checked)
+    if not all(do):
+        keep = ~torch.tensor(do, device=log_w.device)
+        local = torch.where(keep[:, None], torch.arange(k, device=log_w.device), local)
+    if g == 1:
+        return local.view(-1)
+    return (local + k * torch.arange(g, device=log_w.device)[:, None]).view(-1)
+
+
+def _local_ancestors(
+    log_w: Tensor,
+    resampling: str,
+    conditional: bool,
+    generator: torch.Generator | None,
+    checked: bool,
+) -> Tensor:
+    """Ancestors within each run [G, K] (see :func:`_ancestors`)."""
     g, k = log_w.shape
     scheme, n_draws = ("multinomial", k - 1) if conditional else (resampling, k)
     if checked:
@@ -511,12 +566,7 @@ def _ancestors(
         local = resample(log_w, n_draws, generator)
     if conditional:
         local = torch.cat([torch.zeros(g, 1, dtype=torch.long, device=log_w.device), local], 1)
-    if not all(do):
-        keep = ~torch.tensor(do, device=log_w.device)
-        local = torch.where(keep[:, None], torch.arange(k, device=log_w.device), local)
-    if g == 1:
-        return local.view(-1)
-    return (local + k * torch.arange(g, device=log_w.device)[:, None]).view(-1)
+    return local
 
 
 # A run whose smallest log w lies within this of its largest has every normalised weight
@@ -587,7 +637,7 @@ def run_smc(
     *,
     proposal: str = "twist",
     resampling: str = "multinomial",
-    ess_threshold: float = 1.0,
+    ess_threshold: float | Sequence[float] = 1.0,
     pinned: Tensor | None = None,
     cond: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -601,7 +651,8 @@ def run_smc(
     log_phi maps output tokens [G·K, T] to log φ [G·K] (conditioning already bound in, one row
     per particle). cond: None or [G·K, c]. pinned: exact target samples for conditional SMC
     (upper bound), [T] for one run or [G, T]; particle 0 of each run carries its row (with
-    stopping: padded with the pad id after its stop).
+    stopping: padded with the pad id after its stop); a row of −1 leaves its run unpinned (an
+    ordinary run). ess_threshold: one for every run, or a sequence of one per run.
 
     stopping: variable-length outputs with T the cap (module docstring); None takes the
     potential's own (``log_phi.stopping``: a task's bound potential carries its task's), so a
@@ -626,7 +677,10 @@ def run_smc(
                 f"pinned must be [T] or [G, T] = [{n_runs}, {output_len}], got "
                 f"{tuple(pinned.shape)}"
             )
-        if stopping is not None and not bool(stopping.finished(pinned).all()):
+        mask = pinned[:, 0] >= 0
+        if not bool(((pinned >= 0) == mask[:, None]).all()):
+            raise ValueError("each pinned row is an exact sample, or all −1 for an unpinned run")
+        if stopping is not None and not bool(stopping.finished(pinned[mask]).all()):
             raise ValueError(
                 "pinned samples of a stopping task must be finished sequences: a stop at a "
                 f"length in [{stopping.min_len}, {output_len}], the pad id {stopping.pad_id} after it"
@@ -636,6 +690,7 @@ def run_smc(
             f"cond has {cond.shape[0]} rows for {n_runs} runs of {n_particles} particles; pass "
             "one row per particle"
         )
+    _per_run(ess_threshold, n_runs)  # one threshold, or one per run
     state = init(model, prompt_ids, n_particles, cond, n_runs, stopping)
     if pinned is not None:
         pinned = pinned.to(state.log_w.device)

@@ -8,14 +8,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from smclm.models.cache import cache_kwargs
+from smclm.models.cache import cache_kwargs, prompt_shared_hidden
 from smclm.models.twisted_lm import token_log_probs
 from smclm.tasks.base import Task
 from smclm.tasks.plugin import TaskEnv
 
 
 class InfillingPotential:
-    """log p₀(o | prompt, s) by one teacher-forced pass of the base LM over [prompt, s, o_<c]."""
+    """log p₀(o | prompt, s) by one teacher-forced pass of the base LM over [prompt, s, o_<c]
+    (the prompt once, shared by the rows through its KV cache)."""
 
     def __init__(self, base: nn.Module, prompt_ids: Tensor, batch_size: int = 256) -> None:
         self.base, self.prompt_ids, self.batch_size = base, prompt_ids, batch_size
@@ -34,10 +35,10 @@ class InfillingPotential:
         out = []
         for i in range(0, n, self.batch_size):
             s, o = tokens[i : i + self.batch_size].to(dev), cond[i : i + self.batch_size].to(dev)
-            prompt = self.prompt_ids.to(dev)[None].expand(s.shape[0], -1)
-            ids = torch.cat([prompt, s, o[:, :-1]], dim=1)
-            # the head only at the c positions that predict o
-            h = body(input_ids=ids).last_hidden_state[:, p_len + t_len - 1 :]
+            # the prompt once, the rows from its KV cache; the head only at the c positions
+            # that predict o
+            rest = torch.cat([s, o[:, :-1]], dim=1)
+            h = prompt_shared_hidden(body, self.prompt_ids.to(dev), rest)[:, p_len + t_len - 1 :]
             out.append(token_log_probs(self.base, h, o).sum(1))
         return torch.cat(out).to(tokens.device)
 
