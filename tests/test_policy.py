@@ -100,7 +100,9 @@ def test_policy_starts_at_p0(bases, arch, kind):
             base_logits = base(input_ids=ids).logits[:, PROMPT.numel() - 1 :].float()
             assert torch.equal(logits, base_logits)
         out = model.sequence_log_probs(PROMPT, tokens, cond)
-    torch.testing.assert_close(out["log_q"], out["log_p0"], atol=1e-6, rtol=0)
+    # equal up to float32 rounding: the base's teacher-forced pass continues the rows from the
+    # prompt's KV cache (TwistedLM.base_pass), the policy's copy runs the whole ids
+    torch.testing.assert_close(out["log_q"], out["log_p0"], atol=1e-5, rtol=0)
 
 
 def test_unknown_policy_kind_names_the_choices(toy_world):
