@@ -29,8 +29,9 @@ Sections (``--sections``; each runs for the models it applies to, ``--models``):
   (25 o x 4 particles, T = 15, c = 10, resampling every step, one exact sample pinned per o) as
   25 sequential runs (the G = 1 path called 25 times) / as one batched call. target >= 3.
   ``grouped_eval_speedup`` = ``evaluate_bounds`` at K = 32 over 20 exact samples (both
-  proposals, same T and c) with the SMC/cSMC bounds one exact sample at a time
-  (``smc_runs_per_call=1``, the loop before batching) / batched.                 target >= 3.
+  proposals, same T and c) with the SMC/cSMC bounds one exact sample at a time and each kind
+  in its own calls (``smc_runs_per_call=1``, the loop before batching) / batched (the SIS, SMC
+  and cSMC runs of a K in one call).                                            target >= 3.
   The potential is infilling's log p0(o | prompt, s); prompt, o's and s's are random tokens.
   ``--grouped auto`` (default) times both parts for the toy and the train part for the large
   models: the eval part of tinystories took 65 minutes at a load of 7-13 on 2 cores (pass
