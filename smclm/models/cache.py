@@ -426,12 +426,16 @@ def prompt_shared_hidden(body: Any, prompt_ids: Tensor, rest: Tensor) -> Tensor:
     """Last hidden states [N, P+L, d] of a frozen body over [prompt, rest_i] for N rows rest
     [N, L] that share the prompt [P]: the prompt goes through the body once, the rows continue
     from its KV cache (expanded to N), so a row costs L positions instead of P+L. Equal, up to
-    floating-point rounding, to the body over the concatenated ids."""
-    n = rest.shape[0]
+    floating-point rounding, to the body over the concatenated ids (which one row, or a prompt
+    of one token, gets: nothing to share)."""
+    n, prompt = rest.shape[0], prompt_ids.to(rest.device)
+    if n == 1 or prompt.numel() < 2:
+        return body(
+            input_ids=torch.cat([prompt[None].expand(n, -1), rest], dim=1)
+        ).last_hidden_state
     cache = make_kv_cache()
     kw = cache_kwargs(body, cache)
-    h = body(input_ids=prompt_ids.to(rest.device)[None], **kw).last_hidden_state
-    h = h.expand(n, -1, -1)
+    h = body(input_ids=prompt[None], **kw).last_hidden_state.expand(n, -1, -1)
     if rest.shape[1] == 0:
         return h
     reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=rest.device))

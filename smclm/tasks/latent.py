@@ -210,20 +210,10 @@ class LatentPotential:
         """The base body's last hidden states [N, L, d] at the positions that predict seq [N, L]
         after context [P]. The context (the reward prompt's k worked examples and X: most of
         the tokens) runs once, its KV cache expanded to the N rows, instead of once per row."""
-        from smclm.models.cache import cache_kwargs, make_kv_cache, reorder_cache
+        from smclm.models.cache import prompt_shared_hidden
 
-        body, n, p = self.base.base_model, seq.shape[0], context.numel()
-        if n == 1 or p < 2:  # nothing to share
-            ids = torch.cat([context[None].expand(n, -1), seq[:, :-1]], dim=1)
-            return body(input_ids=ids).last_hidden_state[:, p - 1 :]
-        cache = make_kv_cache()
-        h_ctx = body(input_ids=context[None], **cache_kwargs(body, cache)).last_hidden_state
-        first = h_ctx[:, -1:].expand(n, -1, -1)  # predicts seq[:, 0]
-        if seq.shape[1] == 1:
-            return first
-        reorder_cache(cache, torch.zeros(n, dtype=torch.long, device=seq.device))
-        rest = body(input_ids=seq[:, :-1], **cache_kwargs(body, cache)).last_hidden_state
-        return torch.cat([first, rest], dim=1)
+        h = prompt_shared_hidden(self.base.base_model, context, seq[:, :-1])
+        return h[:, context.numel() - 1 :]
 
     @torch.no_grad()
     def prefix_log_phi(
