@@ -208,21 +208,28 @@ def _batched_runs(
     pinned: Tensor | None,
     max_batch: int,
     runs_per_call: int | None = None,
+    ess_threshold: float | list[float] = 1.0,
     **smc_args,
 ) -> Iterator[tuple[range, SMCResult]]:
     """n_runs independent runs of K particles in batched sampler calls of at most
     max(max_batch, K) particles (``runs_per_call``: at most that many runs per call), run i
-    with cond row i (broadcast to its K particles) and, for conditional SMC, exact sample
-    ``pinned[i]`` in its slot 0. Yields (runs, SMCResult) per call."""
+    with cond row i (broadcast to its K particles), for conditional SMC exact sample
+    ``pinned[i]`` in its slot 0 (a row of −1: run i is not pinned) and resampling threshold
+    ``ess_threshold`` (or ``ess_threshold[i]``). Yields (runs, SMCResult) per call."""
     dev = model.device
     for runs in _chunks(n_runs, k, max_batch, runs_per_call):
         c = None
         if cond_rows is not None:
             c = cond_rows[runs.start : runs.stop].repeat_interleave(k, dim=0).to(dev)
         pins = None if pinned is None else pinned[runs.start : runs.stop].to(dev)
+        if pins is not None and bool((pins < 0).all()):
+            pins = None  # no pinned run in this call
+        thresholds = ess_threshold
+        if not isinstance(thresholds, (int, float)):
+            thresholds = thresholds[runs.start : runs.stop]
         res = run_smc(
             model, task.prompt_ids, task.output_len, task.bind(c), k,
-            cond=c, pinned=pins, n_runs=len(runs), **smc_args,
+            cond=c, pinned=pins, n_runs=len(runs), ess_threshold=thresholds, **smc_args,
         )  # fmt: skip
         yield runs, res
 
@@ -298,41 +305,28 @@ def _bound_sweep(
     """The SIS, SMC and (``pins`` [n_runs, T], K ≥ 2) conditional SMC runs of the bounds, n_runs
     of each kind, as batched runs of K particles in sampler calls of at most max(max_batch, K)
     particles: run j of a kind uses cond row j and, for cSMC, pins[j]. Returns the SIS final
-    log-weights [n_runs, K] and the SMC and cSMC log Ẑ [n_runs] (float64, CPU; None for a kind
-    not run: cSMC when pins is None)."""
-    kinds = ["sis", "smc"] + (["csmc"] if pins is not None else [])
-    specs = [(kind, j) for kind in kinds for j in range(n_runs)]
-    threshold = {"sis": 0.0, "smc": 1.0, "csmc": 1.0}
-    sis = torch.zeros(n_runs, k, dtype=torch.float64)
-    log_z = {kind: torch.zeros(n_runs, dtype=torch.float64) for kind in kinds[1:]}
-    dev = model.device
-    for chunk in _chunks(len(specs), k, max_batch, None):
-        part = [specs[i] for i in chunk]
-        rows = torch.tensor([j for _, j in part])
-        c = None
-        if cond_rows is not None:
-            c = cond_rows.index_select(0, rows).repeat_interleave(k, dim=0).to(dev)
-        pinned = None
-        if any(kind == "csmc" for kind, _ in part):
-            assert pins is not None
-            pinned = torch.stack(
-                [pins[j] if kind == "csmc" else torch.full_like(pins[j], -1) for kind, j in part]
-            ).to(dev)
-        res = run_smc(
-            model, task.prompt_ids, task.output_len, task.bind(c), k,
-            cond=c, pinned=pinned, n_runs=len(part), proposal=proposal, resampling=resampling,
-            ess_threshold=[threshold[kind] for kind, _ in part], generator=generator,
-        )  # fmt: skip
-        log_w = res.log_w.double().cpu().view(len(part), k)
-        hats = res.log_z_hats.double().cpu()
-        for g, (kind, j) in enumerate(part):
-            if kind == "sis":
-                sis[j] = log_w[g]
-            else:
-                log_z[kind][j] = hats[g]
+    log-weights [n_runs, K] and the SMC and cSMC log Ẑ [n_runs] (float64, CPU; cSMC's None
+    when pins is None). The runs go through :func:`_batched_runs`, each kind's n_runs after
+    the other's, with their own thresholds and pins."""
+    kinds = 2 if pins is None else 3  # runs [0, n) SIS, [n, 2n) SMC, [2n, 3n) cSMC
+    pinned = None
+    if pins is not None:
+        pinned = torch.cat([torch.full((2 * n_runs, pins.shape[1]), -1), pins.cpu()])
+    calls = _batched_runs(
+        model, task, k, kinds * n_runs,
+        None if cond_rows is None else cond_rows.repeat(kinds, 1), pinned, max_batch,
+        ess_threshold=[0.0] * n_runs + [1.0] * (kinds - 1) * n_runs,
+        proposal=proposal, resampling=resampling, generator=generator,
+    )  # fmt: skip
+    log_w, log_z = [], []
+    for runs, res in calls:
+        log_w.append(res.log_w.double().cpu().view(len(runs), k))
+        log_z.append(res.log_z_hats.double().cpu())
         if on_chunk is not None:
-            on_chunk(sum(kind != "sis" for kind, _ in part))
-    return sis, log_z.get("smc"), log_z.get("csmc")
+            on_chunk(len([i for i in runs if i >= n_runs]))  # the SMC and cSMC runs
+    hats = torch.cat(log_z)
+    csmc = hats[2 * n_runs :] if pins is not None else None
+    return torch.cat(log_w)[:n_runs], hats[n_runs : 2 * n_runs], csmc
 
 
 def _replace_first(log_w: Tensor, value: Tensor) -> Tensor:
