@@ -14,8 +14,16 @@ G_q the mean log q(s | o) over them (the constant E log σ cancels), with a pair
 error; ``fixed`` also reports it on its training pairs. Hydra overrides after ``--`` pick the
 experiment, model, twist and dtype (default: the Table-8 ``cpu`` profile's head on SmolLM2).
 
+``--information N`` (c = 1 only) first measures what there is to learn: E_o KL(σ(· | o)‖p₀) is
+the mutual information I(S; O) between the T tokens and the next one, estimated from N joint
+samples as E_s Σ_o p₀(o | s) log p₀(o | s) / p̂₀(o) (every o of the vocabulary at once), with
+p̂₀(o) the mean of p₀(o | s') over the *other* half of the samples (cross-fitted, so a sample
+is not its own evidence), and split by p̂₀(o) of the sampled o: how much of the KL lives in o's
+that a learner sees often, and how much in rare ones, which only generalisation over o reaches.
+
     python scripts/infilling_twist_ceiling.py [--steps 200] [--pairs 64] [--lr 1e-3]
-        [--fixed 128] [--fixed-steps 100] [--held-out 256] [--out f.json] [-- overrides...]
+        [--fixed 128] [--fixed-steps 100] [--held-out 256] [--information N] [--out f.json]
+        [-- overrides...]
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixed", type=int, default=128, help="pairs of the fixed set")
     ap.add_argument("--fixed-steps", type=int, default=100, help="steps on the fixed set")
     ap.add_argument("--held-out", type=int, default=256, help="held-out pairs")
+    ap.add_argument("--information", type=int, default=0, metavar="N",
+                    help="first estimate I(S; O) = E_o KL(σ‖p₀) from N joint samples (c = 1)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the results as JSON")
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -58,10 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         print("infilling_twist_ceiling: the task has no conditioning tokens o; use an "
               "infilling experiment (experiment=infilling_2)", file=sys.stderr)  # fmt: skip
         return 2
+    if args.information and (cfg.task.cond_len != 1 or args.information < 4):
+        print("infilling_twist_ceiling: --information needs task.cond_len=1 and N >= 4 "
+              f"(got c = {cfg.task.cond_len}, N = {args.information})", file=sys.stderr)  # fmt: skip
+        return 2
     world = build_world(cfg)
     model, task = world.model, world.task
     init = {k: v.clone() for k, v in model.trainables().state_dict().items()}
     gen = torch.Generator().manual_seed(args.seed)
+    info = information(model, task, args.information, gen) if args.information else None
     with torch.no_grad():
         held_s, held_o = task.sample_joint(model, args.held_out, gen)
 
@@ -86,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         held0 = log_q(held_s, held_o)
     results: dict = {"command": " ".join(["scripts/infilling_twist_ceiling.py", *argv]),
-                     "dtype": cfg.model.dtype_resolved, "fresh": [], "fixed": []}  # fmt: skip
+                     "dtype": cfg.model.dtype_resolved, "information": info,
+                     "fresh": [], "fixed": []}  # fmt: skip
     checkpoints = {args.steps} | {2**k for k in range(3, 20) if 2**k < args.steps}
     t0 = time.perf_counter()
     opt = fresh_head()
@@ -128,6 +144,48 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     return 0
+
+
+def information(model, task, n: int, gen: torch.Generator) -> dict:
+    """I(S; O) = E_o KL(σ(· | o)‖p₀) for c = 1 from n joint samples, and its split by p̂₀(o)."""
+    from smclm.models.cache import prompt_shared_hidden
+
+    with torch.no_grad():
+        s, o = task.sample_joint(model, n, gen)
+        o = o[:, 0]
+        prompt = task.prompt_ids.to(s.device)
+        log_p = []  # log p₀(· | prompt, s) at the position of o, [n, V], in chunks of rows
+        for i in range(0, n, 256):
+            h = prompt_shared_hidden(model.body, prompt, s[i : i + 256])[:, -1]
+            log_p.append(model.log_p0_from_hidden(h).double())
+        lp = torch.cat(log_p)
+        half = torch.arange(n, device=s.device) < n // 2
+        # p̂₀(o) for a row: the mean of p₀(o | s') over the other half's rows s'
+        marg = torch.stack([lp[~half].exp().mean(0), lp[half].exp().mean(0)])  # [2, V]
+        # row i's p̂₀: marg[0] (the second half's mean) for a first-half row, marg[1] otherwise
+        log_marg = marg.clamp_min(1e-300).log()[(~half).long()]  # [n, V]
+        rb = (lp.exp() * (lp - log_marg)).sum(-1)  # [n]: KL(p₀(· | s) ‖ p̂₀), all o at once
+        point = lp.gather(1, o[:, None])[:, 0] - log_marg.gather(1, o[:, None])[:, 0]
+        p_o = log_marg.gather(1, o[:, None])[:, 0].exp()
+    res: dict = {"n": n, "i_so": float(rb.mean()), "i_so_se": float(rb.std() / n**0.5),
+                 "i_so_sampled": float(point.mean()), "i_so_sampled_se": float(point.std() / n**0.5),
+                 "distinct_o": int(o.unique().numel()), "by_p0_o": []}  # fmt: skip
+    print(f"I(S; O) = E_o KL(σ‖p₀) from {n} joint samples: {res['i_so']:.3f} ± {res['i_so_se']:.3f}"
+          f" nats (sampled o: {res['i_so_sampled']:.3f} ± {res['i_so_sampled_se']:.3f}); "
+          f"{res['distinct_o']} distinct o")  # fmt: skip
+    edges = [1.0, 1e-1, 1e-2, 1e-3, 1e-4, 0.0]
+    for hi, lo in zip(edges[:-1], edges[1:]):
+        sel = (p_o <= hi) & (p_o > lo)
+        if not bool(sel.any()):
+            continue
+        row = {"p0_o": [lo, hi], "pairs": float(sel.double().mean()),
+               "distinct_o": int(o[sel].unique().numel()), "mean_pointwise": float(point[sel].mean()),
+               "share_of_i": float(point[sel].sum() / point.sum())}  # fmt: skip
+        res["by_p0_o"].append(row)
+        print(f"  p̂₀(o) in ({lo:g}, {hi:g}]: {100 * row['pairs']:5.1f} % of pairs, "
+              f"{row['distinct_o']:5d} distinct o, log p₀(o | s)/p̂₀(o) {row['mean_pointwise']:5.2f}"
+              f" on average, {100 * row['share_of_i']:5.1f} % of I", flush=True)  # fmt: skip
+    return res
 
 
 if __name__ == "__main__":
