@@ -469,23 +469,26 @@ def _infilling_batch(toy_world, n_o: int = 25, per_o: int = 4):
 def test_infilling_ctl_makes_one_sampler_call_per_sweep(toy_world, monkeypatch):
     """25 o × 4 particles, T = 15, c = 10 (the paper's infilling CTL): the SIS sweep and the
     cSMC sweep (25 pinned runs) are one sampler call each, of T + 1 base passes (the prompt, T − 1
-    steps, the potential's c tokens from the cache) plus one encoding of the o's by the twist —
-    not 25 · (T + 2)."""
+    steps, the potential's c tokens from the cache) plus, in the first, one encoding of the o's
+    by the twist (the second finds them in the head's memo of the frozen body's g(o)) — not
+    25 · (T + 2)."""
     batch, meter = _infilling_batch(toy_world)
     calls = _spy(monkeypatch, base_mod, meter)
     meter.begin()
     build_method("ctl", positives="csmc").loss(batch)
     meter.end()
     t_len = batch.task.output_len
-    assert calls == [t_len + 2, t_len + 2]
+    assert calls == [t_len + 2, t_len + 1]
 
 
 def test_bounds_make_one_sampler_call_for_the_three_sweeps_of_20_exact_samples(
     toy_world, monkeypatch
 ):
     """The 20 SIS runs, 20 SMC runs and 20 cSMC runs of one K (each with its o) go through the
-    sampler as one call of 60 runs with their own resampling thresholds and pins: T + 2 base
-    passes in all, not 3 · (T + 2) (one call per kind) or 60 · (T + 2)."""
+    sampler as one call of 60 runs with their own resampling thresholds and pins: T + 1 base
+    passes in all (the o's encoding is in the head's memo of the frozen body's g(o) by then: the
+    exact samples' terms, computed first, put it there), not 3 · (T + 2) (one call per kind) or
+    60 · (T + 2)."""
     batch, meter = _infilling_batch(toy_world, n_o=20, per_o=1)
     calls = _spy(monkeypatch, bounds_mod, meter)
     meter.begin()
@@ -494,4 +497,4 @@ def test_bounds_make_one_sampler_call_for_the_three_sweeps_of_20_exact_samples(
                     generator=batch.generator, proposals=("twist",), cond=o)  # fmt: skip
     meter.end()
     t_len = batch.task.output_len
-    assert calls == [t_len + 2]  # SIS, SMC lower and cSMC upper runs together
+    assert calls == [t_len + 1]  # SIS, SMC lower and cSMC upper runs together

@@ -170,6 +170,39 @@ def test_a_model_whose_logits_are_not_its_head_output_is_refused(tiny_lm_dirs):
     check_output_head(GPT2LMHeadModel.from_pretrained(tiny_lm_dirs["gpt2"]), "model.name=gpt2")
 
 
+def test_the_frozen_body_encodes_each_o_once_per_run(tiny_lm_dirs):
+    """A head on the frozen body remembers g(o): a later call sends only o rows it has not seen
+    through the body, with the same values as the body's; a body moved to another dtype is
+    asked again; the memo starts over when it is full; the trained body copy has no memo."""
+    base, _ = load_base_model(tiny_lm_dirs["gpt_neo"], torch.float32, "cpu")
+    twist = build_twist("head", base, head="mlp", conditional=True)
+    body = base.base_model
+    rows: list[int] = []
+    hook = body.register_forward_hook(lambda _m, args, kw, _o: rows.append(kw["input_ids"].shape[0]),
+                                      with_kwargs=True)  # fmt: skip
+    o1 = torch.tensor([[1, 2], [3, 4], [1, 2]])
+    o2 = torch.tensor([[3, 4], [5, 6], [5, 6], [1, 2]])
+    try:
+        first = twist.encode_cond(o1)
+        second = twist.encode_cond(o2)
+        assert rows == [2, 1]  # [5, 6] is the only new row
+        with torch.no_grad():
+            want = body(input_ids=o2).last_hidden_state[:, -1]
+        rows.clear()
+        torch.testing.assert_close(second, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(second[0], first[1], atol=0, rtol=0)
+        base.to(torch.float64)
+        again = twist.encode_cond(o2)
+        assert rows == [3] and again.dtype == torch.float32
+        rows.clear()
+        twist.MEMO_ROWS = 4  # 6 rows remembered (3 per dtype) + 1 new > 4: it starts over
+        twist.encode_cond(torch.tensor([[7, 8]]))
+        assert rows == [1] and len(twist._memo) == 1
+    finally:
+        hook.remove()
+    assert not hasattr(build_twist("separate", base, head="mlp", conditional=True), "_memo")
+
+
 @pytest.mark.parametrize("kind", ["head", "separate"])
 def test_each_distinct_o_is_encoded_once(tiny_lm_dirs, kind):
     """The particles of a run share o: g(o) is computed once per distinct row, and equals the
@@ -186,7 +219,12 @@ def test_each_distinct_o_is_encoded_once(tiny_lm_dirs, kind):
     finally:
         hook.remove()
     assert rows == [3]
-    want = torch.cat([twist.encode_cond(o[i : i + 1]) for i in range(o.shape[0])])
+    if kind == "separate":
+        want = torch.cat([twist.encode_cond(o[i : i + 1]) for i in range(o.shape[0])])
+    else:  # the frozen body would answer from its memo: the body itself, row by row
+        with torch.no_grad():
+            want = torch.cat([body(input_ids=o[i : i + 1]).last_hidden_state[:, -1]
+                              for i in range(o.shape[0])])  # fmt: skip
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     if kind == "separate":
         grads = []

@@ -173,13 +173,19 @@ class HeadTwist(nn.Module):
     """A head on the frozen base model's final hidden state (1 forward pass gives p₀ and ψ).
 
     ``cond_body`` (the frozen base body) encodes conditioning tokens when the task has them.
+    The body is frozen, so g(o) of an o never changes: each distinct o row goes through it once
+    per run (a memo keyed by the row's tokens and the body's device and dtype), not once per
+    sampler call and teacher-forced pass.
     """
+
+    MEMO_ROWS = 65536  # distinct o rows kept (d floats each); the memo starts over beyond it
 
     def __init__(self, head: Head, cond_body: nn.Module | None = None) -> None:
         super().__init__()
         self.head = head
         # Kept out of the module tree: it is the frozen base body, never trained or saved here.
         self._cond_body = [cond_body]
+        self._memo: dict[tuple, Tensor] = {}  # (device, dtype, o row) -> g(o) [d_c], float32
 
     def encode_cond(self, cond: Tensor | None) -> Tensor | None:
         if cond is None:
@@ -187,8 +193,18 @@ class HeadTwist(nn.Module):
         body = self._cond_body[0]
         if body is None:
             raise ValueError("this twist was built without a conditioning encoder")
-        with torch.no_grad():
-            return _last_hidden(body, cond).float()
+        uniq, inverse = torch.unique(cond, dim=0, return_inverse=True)
+        param = next(body.parameters())
+        keys = [(param.device, param.dtype, *row) for row in uniq.tolist()]
+        new = [i for i, key in enumerate(keys) if key not in self._memo]
+        if new:
+            if len(self._memo) + len(new) > self.MEMO_ROWS:
+                self._memo.clear()
+                new = list(range(len(keys)))
+            with torch.no_grad():
+                h = body(input_ids=uniq[new]).last_hidden_state[:, -1].float()
+            self._memo.update((keys[i], row) for i, row in zip(new, h.unbind(0)))
+        return torch.stack([self._memo[key] for key in keys]).index_select(0, inverse)
 
     def begin(self, prompt_ids: Tensor, base_hidden: Tensor, n: int, cond: Tensor | None):
         state = TwistState(cond_h=self.encode_cond(cond))
