@@ -481,6 +481,34 @@ def test_infilling_ctl_makes_one_sampler_call_per_sweep(toy_world, monkeypatch):
     assert calls == [t_len + 2, t_len + 1]
 
 
+def test_each_bound_run_of_the_sweep_conditions_on_its_own_exact_pair(toy_world, monkeypatch):
+    """With more exact pairs than n_exact (12 and 4, as a profile's G_q pairs and its bound
+    runs), run j of every kind (SIS, SMC, cSMC) is conditioned on o_j, and the cSMC run that pins
+    s_j pins it under its own o_j: the upper bound needs s_j ~ σ(· | o_j) in its run."""
+    batch, _ = _infilling_batch(toy_world, n_o=12, per_o=1)
+    s, o = batch.exact_pool, batch.cond
+    seen: list[tuple[Tensor, Tensor | None, int]] = []
+    inner = bounds_mod.run_smc
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["cond"].cpu(), kwargs.get("pinned"), kwargs["n_runs"]))
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(bounds_mod, "run_smc", spy)
+    k, n_exact = 3, 4
+    evaluate_bounds(batch.model, batch.task, s, particles=[k], n_exact=n_exact,
+                    generator=batch.generator, proposals=("twist",), cond=o)  # fmt: skip
+    cond = torch.cat([c for c, _, _ in seen]).view(-1, k, o.shape[1])  # [runs, K, c]
+    assert cond.shape[0] == 3 * n_exact  # SIS, SMC and cSMC runs of the n_exact pairs
+    assert bool((cond == cond[:, :1]).all())  # a run's particles share their o
+    want = o[:n_exact].repeat(3, 1)
+    assert torch.equal(cond[:, 0], want), (cond[:, 0].tolist(), want.tolist())
+    pinned = torch.cat([p.cpu() for _, p, _ in seen if p is not None])
+    csmc = pinned[2 * n_exact :]
+    assert bool((pinned[: 2 * n_exact] == -1).all())
+    assert torch.equal(csmc, s[:n_exact].cpu())  # s_j pinned in run j, whose o is o_j (above)
+
+
 def test_bounds_make_one_sampler_call_for_the_three_sweeps_of_20_exact_samples(
     toy_world, monkeypatch
 ):

@@ -304,7 +304,8 @@ def _bound_sweep(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The SIS, SMC and (``pins`` [n_runs, T], K ≥ 2) conditional SMC runs of the bounds, n_runs
     of each kind, as batched runs of K particles in sampler calls of at most max(max_batch, K)
-    particles: run j of a kind uses cond row j and, for cSMC, pins[j]. Returns the SIS final
+    particles: run j of a kind uses cond row j (of the first n_runs; cond_rows may hold more,
+    one per exact sample) and, for cSMC, pins[j]. Returns the SIS final
     log-weights [n_runs, K] and the SMC and cSMC log Ẑ [n_runs] (float64, CPU; cSMC's None
     when pins is None). The runs go through :func:`_batched_runs`, each kind's n_runs after
     the other's, with their own thresholds and pins."""
@@ -314,7 +315,7 @@ def _bound_sweep(
         pinned = torch.cat([torch.full((2 * n_runs, pins.shape[1]), -1), pins.cpu()])
     calls = _batched_runs(
         model, task, k, kinds * n_runs,
-        None if cond_rows is None else cond_rows.repeat(kinds, 1), pinned, max_batch,
+        None if cond_rows is None else cond_rows[:n_runs].repeat(kinds, 1), pinned, max_batch,
         ess_threshold=[0.0] * n_runs + [1.0] * (kinds - 1) * n_runs,
         proposal=proposal, resampling=resampling, generator=generator,
     )  # fmt: skip
