@@ -418,7 +418,8 @@ def test_one_call_runs_sis_smc_and_conditional_smc_runs_each_as_its_kind(world):
 def test_exact_sample_terms_through_the_cache_equal_the_teacher_forced_pass(tiny_lm_dirs):
     """Infilling's exact-sample log-weights (twisted proposal) computed the sampler's way (the
     prompt once, cached steps, φ from the KV cache) equal exact_sample_log_weights' teacher-forced
-    pass and separate φ pass, on a GPT-Neo of the real architecture (float32)."""
+    pass and separate φ pass, on a GPT-Neo of the real architecture (float32); with M rows of o
+    and with one row for every sample."""
     from smclm.models.loading import load_base_model
 
     base, _ = load_base_model(tiny_lm_dirs["gpt_neo"])
@@ -430,6 +431,10 @@ def test_exact_sample_terms_through_the_cache_equal_the_teacher_forced_pass(tiny
     assert torch.allclose(terms["twist"], full, atol=1e-4), (terms["twist"] - full).abs().max()
     phi = task.log_phi(s, o).double()
     assert torch.allclose(terms["p0"], phi, atol=1e-4)
+    # one o for every sample (a [1, c] cond) is every sample's o, as in the teacher-forced pass
+    one = bounds_mod._exact_sample_terms(model, task, s, o[:1])["twist"]
+    full_one = bounds_mod.exact_sample_log_weights(model, task, s, cond=o[:1])
+    assert torch.allclose(one, full_one, atol=1e-4), (one - full_one).abs().max()
 
 
 # -- one sampler call per sweep (compute counters) -----------------------------------------------

@@ -186,6 +186,8 @@ def test_the_frozen_body_encodes_each_o_once_per_run(tiny_lm_dirs):
         first = twist.encode_cond(o1)
         second = twist.encode_cond(o2)
         assert rows == [2, 1]  # [5, 6] is the only new row
+        d = first.shape[1]  # a remembered row holds its batch's [U, d], not [U, c, d] (float32)
+        assert all(r.untyped_storage().nbytes() <= 2 * d * 4 for r in twist._memo.values())
         with torch.no_grad():
             want = body(input_ids=o2).last_hidden_state[:, -1]
         rows.clear()

@@ -172,8 +172,10 @@ def _forced_through_cache(
         return None
     if getattr(task.potential, "from_cache", None) is None:
         return None
-    bound = task.bind(cond)
     n, t_len = samples.shape
+    if cond.shape[0] != n:  # one o row for every sample: a row per particle, as the sampler's
+        cond = cond.expand(n, -1)
+    bound = task.bind(cond)
     ctx, dists = model.start(task.prompt_ids, n, cond)
     log_p0 = torch.zeros(n, dtype=torch.float64, device=samples.device)
     log_q = log_p0.clone()

@@ -202,7 +202,8 @@ class HeadTwist(nn.Module):
                 self._memo.clear()
                 new = list(range(len(keys)))
             with torch.no_grad():
-                h = body(input_ids=uniq[new]).last_hidden_state[:, -1].float()
+                # a copy: a float32 body's slice would keep the whole [U, c, d] alive per row
+                h = body(input_ids=uniq[new]).last_hidden_state[:, -1].float().clone()
             self._memo.update((keys[i], row) for i, row in zip(new, h.unbind(0)))
         return torch.stack([self._memo[key] for key in keys]).index_select(0, inverse)
 
