@@ -159,14 +159,17 @@ def information(model, task, n: int, gen: torch.Generator) -> dict:
             h = prompt_shared_hidden(model.body, prompt, s[i : i + 256])[:, -1]
             log_p.append(model.log_p0_from_hidden(h).double())
         lp = torch.cat(log_p)
-        half = torch.arange(n, device=s.device) < n // 2
-        # p̂₀(o) for a row: the mean of p₀(o | s') over the other half's rows s'
-        marg = torch.stack([lp[~half].exp().mean(0), lp[half].exp().mean(0)])  # [2, V]
-        # row i's p̂₀: marg[0] (the second half's mean) for a first-half row, marg[1] otherwise
-        log_marg = marg.clamp_min(1e-300).log()[(~half).long()]  # [n, V]
-        rb = (lp.exp() * (lp - log_marg)).sum(-1)  # [n]: KL(p₀(· | s) ‖ p̂₀), all o at once
-        point = lp.gather(1, o[:, None])[:, 0] - log_marg.gather(1, o[:, None])[:, 0]
-        p_o = log_marg.gather(1, o[:, None])[:, 0].exp()
+        p = lp.exp()
+        halves = (slice(0, n // 2), slice(n // 2, n))
+        rb = torch.empty(n, dtype=torch.float64, device=lp.device)
+        log_p_o = torch.empty(n, dtype=torch.float64, device=lp.device)  # log p̂₀(o) per pair
+        for rows, other in zip(halves, reversed(halves)):
+            # p̂₀ for these rows: the mean of p₀(· | s') over the other half's rows s'
+            log_m = p[other].mean(0).clamp_min(1e-300).log()  # [V]
+            rb[rows] = (p[rows] * (lp[rows] - log_m)).sum(-1)  # KL(p₀(· | s) ‖ p̂₀), every o
+            log_p_o[rows] = log_m[o[rows]]
+        point = lp.gather(1, o[:, None])[:, 0] - log_p_o
+        p_o = log_p_o.exp()
     res: dict = {"n": n, "i_so": float(rb.mean()), "i_so_se": float(rb.std() / n**0.5),
                  "i_so_sampled": float(point.mean()), "i_so_sampled_se": float(point.std() / n**0.5),
                  "distinct_o": int(o.unique().numel()), "by_p0_o": []}  # fmt: skip
