@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     from hydra import compose, initialize_config_module
 
     from smclm.build import build_world
-    from smclm.methods.base import proposal_log_softmax
 
     with initialize_config_module("smclm.configs", version_base="1.3"):
         cfg = compose("train", overrides=[*DEFAULT, f"seed={args.seed}", *extra])
@@ -83,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     def log_q(s: torch.Tensor, o: torch.Tensor) -> torch.Tensor:  # [N]: log q(s | o)
         out = []
         for i in range(0, len(s), 64):
-            lp, lpsi = model.forward_full(task.prompt_ids, s[i : i + 64], o[i : i + 64])
-            lq = proposal_log_softmax(task, lp + lpsi).gather(-1, s[i : i + 64, :, None])
-            out.append(lq.squeeze(-1).sum(1))
+            lq = model.sequence_log_probs(task.prompt_ids, s[i : i + 64], o[i : i + 64])["log_q"]
+            out.append(lq.sum(1))
         return torch.cat(out)
 
     def change(before: torch.Tensor, s: torch.Tensor, o: torch.Tensor) -> tuple[float, float]:

@@ -23,7 +23,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from smclm.build import build_world
-from smclm.methods.base import TrainContext, proposal_log_softmax
+from smclm.methods.base import TrainContext
 
 LR = float(os.environ.get("SMCLM_TEST_CTL_LR", "3e-4"))
 UPDATES, K, N_JOINT, SE_K = 20, 16, 1600, 3.0
@@ -58,9 +58,8 @@ def test_a_few_ctl_updates_on_smollm2_infilling_lower_kl_sigma_q():
 
     def log_q_held() -> torch.Tensor:
         with torch.no_grad():
-            lp, lpsi = model.forward_full(task.prompt_ids, held, cond.expand(len(held), -1))
-            lq = proposal_log_softmax(task, lp + lpsi).gather(-1, held[:, :, None])
-            return lq.squeeze(-1).sum(1)
+            c = cond.expand(len(held), -1)
+            return model.sequence_log_probs(task.prompt_ids, held, c)["log_q"].sum(1)
 
     gen = torch.Generator().manual_seed(0)
     batch = TrainContext(model, task, K, gen, cfg.smc.resampling, None, group_size=K)
